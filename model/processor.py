@@ -1,0 +1,93 @@
+"""Text side of the model: prompts and conversations to token ids, labels and region boxes.
+
+One place decides how a question becomes ids, for training, evaluation of checkpoints and (through the
+manifest's prompt) the runtime: render the template, put `<region>` after every `</box>` when the model
+has region embeddings, expand `<image>` to N ids, parse each region's normalized box from its text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatspot_edge.model.config import ChatSpotConfig
+from chatspot_edge.model.prompt import PromptFormat, strip_image_token
+from chatspot_edge.model.chatspot import IGNORE_INDEX
+from chatspot_edge.referring import IMAGE_TOKEN, insert_region_tokens, parse_regions
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    labels: list[int] | None
+    boxes: list[Box]  # normalized, one per `<region>` id, in order
+
+
+class Processor:
+    def __init__(self, tokenizer, config: ChatSpotConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.prompt = PromptFormat(config.system_prompt, config.prompt_template, (config.assistant_end,), config.turn_template)
+        self.n_image = config.num_image_tokens
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _expand_image(self, ids: list[int]) -> list[int]:
+        out: list[int] = []
+        for t in ids:
+            out.extend([t] * self.n_image if t == self.config.image_token_id else [t])
+        return out
+
+    def question_boxes(self, question: str) -> list[Box]:
+        """Normalized boxes of the question's regions (a point is a zero-size box)."""
+        return [r.bbox() for r in parse_regions(question)] if self.config.region_token else []
+
+    def prepare_question(self, question: str) -> str:
+        """The question text as the model reads it (`<region>` after each `</box>` when enabled)."""
+        q = strip_image_token(question)
+        return insert_region_tokens(q) if self.config.region_token else q
+
+    def encode_prompt(self, question: str) -> Encoded:
+        """Ids of a full prompt for one question (generation starts right after)."""
+        text = self.prompt.render(self.prepare_question(question))
+        return Encoded(self._expand_image(self._ids(text)), None, self.question_boxes(question))
+
+    def encode_conversation(self, conversations: list[dict]) -> Encoded:
+        """LLaVA-style turns -> ids and labels (answer tokens and the turn end only; the rest IGNORE_INDEX).
+
+        The first human turn uses the full template (system + image); later turns continue in the chat format."""
+        head, tail = self.prompt.split()
+        ids: list[int] = []
+        labels: list[int] = []
+        boxes: list[Box] = []
+        end = self.config.assistant_end
+        first = True
+        for i in range(0, len(conversations) - 1, 2):
+            human, gpt = conversations[i], conversations[i + 1]
+            if human.get("from") != "human" or gpt.get("from") != "gpt":
+                raise ValueError("conversations must alternate human / gpt turns")
+            q = self.prepare_question(human["value"])
+            boxes += self.question_boxes(human["value"])
+            prompt_text = head + tail.format(question=q) if first else self.prompt.turn.format(question=q)
+            p = self._expand_image(self._ids(prompt_text))
+            a = self._ids(gpt["value"] + end)
+            ids += p + a
+            labels += [IGNORE_INDEX] * len(p) + a
+            first = False
+        return Encoded(ids, labels, boxes)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        ids = [self.config.eos_token_id]
+        if self.config.assistant_end:
+            ids += self._ids(self.config.assistant_end)[:1]
+        return tuple(sorted(set(i for i in ids if i is not None and i >= 0)))
+
+
+def has_image(text: str) -> bool:
+    return IMAGE_TOKEN in text
