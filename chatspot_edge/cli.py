@@ -1,2 +1,146 @@
+"""`chatspot-edge`: the command line of SPEC section 4.
+
+Each command is a thin shell over its stage's module (imported lazily, so `--help` is instant). A bad input
+(`InputError`) prints one line to stderr and exits 2; nothing is left half-written (every writer is atomic).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from chatspot_edge.errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="ChatSpot Edge: train, export, quantize and run a referring multimodal LLM offline.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("spotworld")
+def data_spotworld(
+    out: Path = typer.Option(..., help="output folder"),
+    seed: int = typer.Option(0),
+    n_train: int = typer.Option(10000, "--n-train"),
+    n_test: int = typer.Option(1000, "--n-test"),
+    workers: Optional[int] = typer.Option(None, help="parallel processes (default: all cores)"),
+) -> None:
+    """Write the synthetic SpotWorld referring dataset (SPEC section 5)."""
+    from chatspot_edge.data import generate
+    from chatspot_edge.progress import task_progress
+
+    with task_progress("spotworld") as progress:
+        meta = generate(out, seed=seed, n_train=n_train, n_test=n_test, workers=workers, progress=progress)
+    typer.echo(f"wrote {out}: {meta.get('n_train', n_train)} train, {meta.get('n_test', n_test)} test samples")
+
+
+@app.command()
+def adapt(
+    preset: str = typer.Option(..., help="mini or smol"),
+    data: Path = typer.Option(..., help="SpotWorld (or any LLaVA-style JSONL) folder"),
+    out: Path = typer.Option(..., help="output checkpoint folder"),
+    minutes: Optional[float] = typer.Option(None, help="time budget for stage 2 (default: the preset's)"),
+    steps: Optional[int] = typer.Option(None, help="stage-2 optimizer steps (overrides --minutes)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    stage1_steps: Optional[int] = typer.Option(None, "--stage1-steps"),
+    eval_every: int = typer.Option(0, "--eval-every", help="evaluate on a test slice every K steps (0: off)"),
+    save_every: int = typer.Option(100, "--save-every", help="write a resumable checkpoint every K steps"),
+    resume: bool = typer.Option(False, help="continue from OUT/resume if present"),
+    lora: bool = typer.Option(False, help="stage 2 with LoRA adapters (peft) instead of a full fine-tune"),
+    seed: int = typer.Option(0),
+    vision_pool: int = typer.Option(2, "--vision-pool", help="2: 7x7 = 49 image tokens, 1: 14x14 = 196"),
+    region_token: bool = typer.Option(True, "--region-token/--no-region-token"),
+) -> None:
+    """Referring-instruction tuning (ChatSpot's two stages): projector alignment, then projector + LLM."""
+    from chatspot_edge.train.adapt import AdaptOptions, adapt as run_adapt
+
+    opts = AdaptOptions(preset=preset, data=data, out=out, minutes=minutes, steps=steps, batch_size=batch_size,
+                        grad_accum=grad_accum, stage1_steps=stage1_steps, eval_every=eval_every,
+                        save_every=save_every, resume=resume, lora=lora, seed=seed, vision_pool=vision_pool,
+                        region_token=region_token)
+    run_adapt(opts)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="checkpoint folder or bundle folder"),
+    data: Path = typer.Option(...),
+    out: Path = typer.Option(..., help="output JSON (SPEC section 6)"),
+    limit: Optional[int] = typer.Option(None, help="evaluate the first N test records only"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    split: str = typer.Option("test"),
+) -> None:
+    """ChatSpot evaluation protocol (SPEC section 6) on a checkpoint or a bundle."""
+    from chatspot_edge.evaluation import evaluate_path
+
+    result = evaluate_path(model, data, out, split=split, limit=limit, batch_size=batch_size)
+    for k, v in result["metrics"].items():
+        typer.echo(f"{k:>20}: {'-' if v is None else f'{v:.4f}'}")
+
+
+@app.command()
+def export(
+    ckpt: Path = typer.Argument(..., help="checkpoint folder (ours or Hugging Face LLaVA)"),
+    out: Path = typer.Option(..., help="bundle folder to write"),
+    coreml: bool = typer.Option(False, "--coreml", help="also write vision.mlpackage (Core ML, FP16)"),
+    llm_dtype: str = typer.Option("f16", "--llm-dtype", help="f32, f16 or bf16"),
+) -> None:
+    """Checkpoint -> bundle: GGUF LLM + ONNX vision encoder (+ Core ML) + manifest with checksums."""
+    from chatspot_edge.export import export_bundle
+
+    export_bundle(ckpt, out, coreml=coreml, llm_dtype=llm_dtype)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def inspect(bundle: Path = typer.Argument(...)) -> None:
+    """Print a bundle's manifest and verify every checksum (exit 2 on a mismatch)."""
+    import json
+
+    from chatspot_edge.export import verify_bundle
+
+    manifest = verify_bundle(bundle)
+    typer.echo(json.dumps(manifest, indent=2))
+    typer.echo(f"OK: {len(manifest['files'])} files verified")
+
+
+@app.command()
+def pipeline(
+    preset: str = typer.Option("mini"),
+    out: Path = typer.Option(Path("runs/demo")),
+    minutes: Optional[float] = typer.Option(None, help="training budget (default: the preset's)"),
+    n_train: int = typer.Option(10000, "--n-train"),
+    n_test: int = typer.Option(1000, "--n-test"),
+) -> None:
+    """The whole pipeline end to end (what `make demo` runs): data, adapt, eval, export, ask."""
+    from chatspot_edge.pipeline import run_pipeline
+
+    run_pipeline(preset=preset, out=out, minutes=minutes, n_train=n_train, n_test=n_test)
+
+
 def main() -> None:
-    print("chatspot-edge")
+    try:
+        app(standalone_mode=False)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

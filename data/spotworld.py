@@ -692,15 +692,17 @@ def _task_relation(rng: np.random.Generator, sc: _Scene) -> _QA | None:
         template, style = _pick(rng, RELATION_WORD_TEMPLATES)
         answer = rel if style == "short" else f"The {_name(a)} is {RELATION_PHRASES[rel]} the {_name(b)}."
         question = template.format(r1=t1, r2=t2)
+        target["answer"] = rel
     elif kind == "yesno":
         asked = rel if rng.random() < 0.5 else _OPPOSITE[rel]
         answer = "yes" if asked == rel else "no"
         question = _pick(rng, RELATION_YESNO_TEMPLATES).format(r1=t1, r2=t2, rel=RELATION_PHRASES[asked])
+        target["answer"] = answer
     else:
         asked = rel if rng.random() < 0.5 else ("smaller" if rel == "larger" else "larger")
         answer = "yes" if asked == rel else "no"
         question = _pick(rng, SIZE_YESNO_TEMPLATES).format(r1=t1, r2=t2, cmp=asked)
-    target["answer"] = answer
+        target["answer"] = answer
     return _QA(question, answer, target, [reg1, reg2])
 
 

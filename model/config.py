@@ -41,8 +41,8 @@ class VisionConfig:
     @property
     def num_tokens(self) -> int:
         n = self.grid[0] * self.grid[1]
-        if self.kind in ("clip",) and self.select_strategy == "full":
-            n += 1
+        if self.kind in ("clip", "siglip"):  # patches, + CLIP's CLS token, - the first token under "default"
+            n += (1 if self.kind == "clip" else 0) - (1 if self.select_strategy == "default" else 0)
         return n
 
 

@@ -31,7 +31,7 @@ def _token_ids(tokenizer) -> dict:
                 eos_token_id=tokenizer.eos_token_id)
 
 
-def _resize_vocab(llm: LlamaForCausalLM, n: int) -> None:
+def resize_vocab(llm: LlamaForCausalLM, n: int) -> None:
     """Grow the embedding (and tied head) to `n` rows; new rows start at the mean embedding."""
     old = llm.get_input_embeddings().weight.data
     if old.shape[0] == n:
@@ -59,7 +59,7 @@ def smollm2_llm(n_layers: int | None = None, vocab_size: int | None = None) -> L
         raise RuntimeError(f"SmolLM2 GGUF: missing {missing}, unexpected {unexpected}")
     llm.tie_weights()
     if vocab_size is not None:
-        _resize_vocab(llm, vocab_size)
+        resize_vocab(llm, vocab_size)
     return llm
 
 

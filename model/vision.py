@@ -107,7 +107,7 @@ class HFVisionTower(nn.Module):
         out = self.tower(pixel_values=self.norm(pixels), output_hidden_states=True)
         layers = self.feature_layer if isinstance(self.feature_layer, list) else [self.feature_layer]
         feats = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
-        if self.kind == "clip" and self.select_strategy == "default":
+        if self.select_strategy == "default":  # LLaVA drops the first token (CLIP's CLS) whatever the tower
             feats = feats[:, 1:]
         return feats  # [B, N, C] already a token sequence
 
