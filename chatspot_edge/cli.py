@@ -48,6 +48,7 @@ def adapt(
     grad_accum: int = typer.Option(1, "--grad-accum"),
     stage1_steps: Optional[int] = typer.Option(None, "--stage1-steps"),
     eval_every: int = typer.Option(0, "--eval-every", help="evaluate on a test slice every K steps (0: off)"),
+    eval_samples: int = typer.Option(200, "--eval-samples", help="test records in each periodic evaluation"),
     save_every: int = typer.Option(100, "--save-every", help="write a resumable checkpoint every K steps"),
     resume: bool = typer.Option(False, help="continue from OUT/resume if present"),
     lora: bool = typer.Option(False, help="stage 2 with LoRA adapters (peft) instead of a full fine-tune"),
@@ -60,6 +61,7 @@ def adapt(
 
     opts = AdaptOptions(preset=preset, data=data, out=out, minutes=minutes, steps=steps, batch_size=batch_size,
                         grad_accum=grad_accum, stage1_steps=stage1_steps, eval_every=eval_every,
+                        eval_samples=eval_samples,
                         save_every=save_every, resume=resume, lora=lora, seed=seed, vision_pool=vision_pool,
                         region_token=region_token)
     run_adapt(opts)
@@ -131,13 +133,11 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors from click (typer vendors its own copy, so match by shape)
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(2)
-        if isinstance(e, click.exceptions.Exit):
+        if type(e).__name__ == "Exit" and hasattr(e, "exit_code"):
             sys.exit(e.exit_code)
         raise
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from chatspot_edge.errors import InputError
+from chatspot_edge.model import preprocess
 
 REQUIRED_KEYS = ("id", "image", "conversations")
 
@@ -87,12 +88,9 @@ def load_image(data_dir: Path | str, record: dict) -> Image.Image:
     path = _image_path(Path(data_dir), record)
     where = f"record {record.get('id', '?')}"
     try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"{where}: image {path} not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"{where}: cannot read image {path} ({e})") from None
+        img = preprocess.load_image(path)  # the one loader that training, export checks and the runtime share
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
     w, h = record.get("width"), record.get("height")
     if w is not None and h is not None and img.size != (w, h):
         raise InputError(f"{where}: image {path} is {img.size[0]}x{img.size[1]}, record says {w}x{h}")

@@ -1,0 +1,44 @@
+"""ChatSpot evaluation protocol (SPEC section 6) for checkpoints and bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from chatspot_edge.errors import InputError
+from chatspot_edge.evaluation.protocol import METRIC_KEYS, Answerer, Request, evaluate
+
+__all__ = ["METRIC_KEYS", "Answerer", "Request", "evaluate", "evaluate_path", "make_answerer"]
+
+
+def make_answerer(model_path: Path, batch_size: int = 16) -> Answerer:
+    """A checkpoint folder -> TorchAnswerer; a bundle folder (manifest.json) -> the runtime's answerer."""
+    model_path = Path(model_path)
+    if (model_path / "manifest.json").is_file():
+        from chatspot_edge.runtime import BundleAnswerer
+
+        return BundleAnswerer(model_path)
+    from chatspot_edge.evaluation.answerers import TorchAnswerer
+    from chatspot_edge.model.checkpoint import load_checkpoint
+
+    model, tok = load_checkpoint(model_path)
+    return TorchAnswerer(model, tok, batch_size=batch_size)
+
+
+def evaluate_path(model_path: Path, data: Path, out: Path, split: str = "test", limit: int | None = None,
+                  batch_size: int = 16, seed: int = 0) -> dict:
+    from chatspot_edge.data import load_image, load_split
+    from chatspot_edge.files import atomic_write_text
+    from chatspot_edge.progress import task_progress
+
+    records = load_split(data, split)
+    if limit:
+        records = records[:limit]
+    if not records:
+        raise InputError(f"{data}: no {split} records")
+    answerer = make_answerer(model_path, batch_size)
+    with task_progress("eval") as progress:
+        result = evaluate(answerer, records, lambda r: load_image(data, r), seed=seed, progress=progress)
+    result["model"] = str(model_path)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    return result

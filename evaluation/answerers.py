@@ -1,0 +1,48 @@
+"""Answerers: the same evaluation code scores a torch checkpoint or an exported bundle."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from chatspot_edge.evaluation.protocol import Request
+from chatspot_edge.model.preprocess import resize_pixels
+from chatspot_edge.model.processor import Processor
+
+
+class TorchAnswerer:
+    """Greedy answers of a `ChatSpotModel` in PyTorch, batched (left padding)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_new_tokens: int = 40,
+                 autocast: torch.dtype | None = None, device: str = "cpu"):
+        self.model = model.eval()
+        self.proc = Processor(tokenizer, model.config)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.autocast = autocast
+        self.device = device
+        self._pixels: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def _image(self, req: Request) -> np.ndarray:
+        if req.image_key not in self._pixels:
+            self._pixels[req.image_key] = resize_pixels(req.image(), self.model.config.vision.image_size)
+            while len(self._pixels) > 256:
+                self._pixels.popitem(last=False)
+        return self._pixels[req.image_key]
+
+    def answer(self, requests: Sequence[Request]) -> list[str]:
+        out: list[str] = []
+        for i in range(0, len(requests), self.batch_size):
+            chunk = requests[i:i + self.batch_size]
+            encs = [self.proc.encode_prompt(r.question) for r in chunk]
+            pixels = torch.from_numpy(np.stack([self._image(r) for r in chunk])).to(self.device)
+            ctx = (torch.autocast(self.device, dtype=self.autocast) if self.autocast is not None
+                   else torch.autocast(self.device, enabled=False))
+            with ctx:
+                ids = self.model.generate([e.ids for e in encs], pixels, [e.boxes for e in encs],
+                                          max_new_tokens=self.max_new_tokens, stop_ids=self.proc.stop_ids)
+            out += [self.proc.decode(x).strip() for x in ids]
+        return out

@@ -1,0 +1,191 @@
+"""Bundle: manifest contract, verification, atomicity, and the full chain (llama.cpp + onnxruntime) vs torch."""
+
+from __future__ import annotations
+
+import os
+
+# torch's libgomp and llama.cpp's libgomp both busy-wait by default: on 2 cores that makes a llama.cpp step
+# ~100x slower next to torch. Must be set before torch loads (tests/conftest.py would be the better place).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chatspot_edge.errors import BundleError, InputError
+from chatspot_edge.export import FORMAT, export_bundle, verify_bundle
+from chatspot_edge.export import bundle as bundle_mod
+from chatspot_edge.export.llama_check import LlamaCheck, split_segments
+from chatspot_edge.export.onnx_vision import onnx_session
+from chatspot_edge.files import file_sha256
+from chatspot_edge.model.checkpoint import save_checkpoint
+from chatspot_edge.model.presets import build_preset
+from chatspot_edge.model.processor import Processor
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny, tmp_path_factory):
+    return save_checkpoint(*tiny, tmp_path_factory.mktemp("ck") / "tiny-ckpt")
+
+
+@pytest.fixture(scope="module")
+def bundle(ckpt, tmp_path_factory):
+    return export_bundle(ckpt, tmp_path_factory.mktemp("b") / "bundle", llm_dtype="f32")
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def test_manifest_contract(bundle, ckpt, tiny):
+    model, tok = tiny
+    m = verify_bundle(bundle)
+    assert m["format"] == FORMAT == "chatspot-edge-bundle/1"
+    assert m["model"]["preset"] == "tiny" and m["model"]["parameters"]["total"] == model.num_parameters()["total"]
+    prov = m["model"]["provenance"]
+    assert prov["checkpoint_sha256"] == file_sha256(ckpt / "model.safetensors")
+    assert set(prov["tools"]) >= {"torch", "gguf", "onnx", "onnxruntime", "transformers", "chatspot_edge"}
+    assert m["image"] == {"height": 64, "width": 64, "resize": "bicubic", "tokens": 16}
+    assert m["llm"] == {"file": "llm-f32.gguf", "quant": "F32", "n_embd": 64, "n_ctx": 1024}
+    assert m["vision"]["file"] == "vision.onnx" and m["vision"]["precision"] == "fp32"
+    assert m["prompt"] == Processor(tok, model.config).prompt.manifest()
+    assert "{image}" in m["prompt"]["template"] and "{question}" in m["prompt"]["template"]
+    ref = m["referring"]
+    assert ref["format"] == "chatspot-text-v1" and ref["region_token"] is True
+    assert ref["graph"] == "region.onnx" and ref["placeholder"] == "<region>"
+    assert set(ref["inputs"]) == {"image_embeds", "boxes"} and set(ref["outputs"]) == {"region_embeds"}
+    st = m["special_tokens"]
+    assert [st[k] for k in ("image", "box_start", "box_end", "region")] == [49152, 49153, 49154, 49155]
+    assert st["eos"] in st["stop"] and tok.convert_tokens_to_ids("<|im_end|>") in st["stop"]
+    on_disk = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+    assert sorted(m["files"]) == [f for f in on_disk if f != "manifest.json"]
+    for name, e in m["files"].items():
+        assert e == {"sha256": file_sha256(bundle / name), "bytes": (bundle / name).stat().st_size}
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_verify_detects_tampering(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    p = b / "vision.onnx"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="vision.onnx: sha256 mismatch"):
+        verify_bundle(b)
+
+
+def test_verify_detects_missing_truncated_unlisted_and_bad_manifest(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    (b / "region.onnx").unlink()
+    with pytest.raises(BundleError, match="missing file region.onnx"):
+        verify_bundle(b)
+    shutil.copy(bundle / "region.onnx", b / "region.onnx")
+    verify_bundle(b)
+    with open(b / "llm-f32.gguf", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="llm-f32.gguf: .* bytes"):
+        verify_bundle(b)
+    shutil.copy(bundle / "llm-f32.gguf", b / "llm-f32.gguf")
+    (b / "extra.bin").write_bytes(b"x")
+    with pytest.raises(BundleError, match="extra.bin is not listed"):
+        verify_bundle(b)
+    (b / "extra.bin").unlink()
+    m = json.loads((b / "manifest.json").read_text())
+    for mutate, msg in [
+        (lambda d: d.update(format="other/1"), "format"),
+        (lambda d: d.pop("llm"), "lacks `llm`"),
+        (lambda d: d["image"].update(tokens="16"), "image.tokens"),
+        (lambda d: d["files"].pop("vision.onnx"), "vision.onnx is named by the manifest"),
+        (lambda d: d["files"].update({"../x": {"sha256": "0", "bytes": 1}}), "not a relative path"),
+    ]:
+        d = json.loads(json.dumps(m))
+        mutate(d)
+        (b / "manifest.json").write_text(json.dumps(d))
+        with pytest.raises(BundleError, match=msg) as e:
+            verify_bundle(b)
+        assert "\n" not in str(e.value)
+    (b / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        verify_bundle(b)
+    (b / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="missing manifest.json"):
+        verify_bundle(b)
+
+
+def test_interrupted_export_leaves_nothing(ckpt, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(bundle_mod, "export_vision_onnx", boom)
+    out = tmp_path / "b"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        export_bundle(ckpt, out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs(ckpt, tmp_path):
+    with pytest.raises(InputError, match="llm-dtype"):
+        export_bundle(ckpt, tmp_path / "b", llm_dtype="q4")
+    with pytest.raises(InputError):
+        export_bundle(tmp_path / "nope", tmp_path / "b")
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="not a bundle"):
+        export_bundle(ckpt, tmp_path / "precious")
+    assert (tmp_path / "precious" / "keep.txt").exists()
+
+
+def test_cli_inspect_exit_codes(bundle, tmp_path):
+    exe = [sys.executable, "-c", "from chatspot_edge.cli import main; main()"]
+    ok = subprocess.run(exe + ["inspect", str(bundle)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "files verified" in ok.stdout
+    b = _copy(bundle, tmp_path)
+    (b / "region.onnx").write_bytes(b"broken")
+    bad = subprocess.run(exe + ["inspect", str(b)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+QUESTIONS = [
+    "What is in <box>[0.100,0.200,0.450,0.610]</box>?",
+    "What color is the object at <box>[0.412,0.533]</box>?",
+    "Describe <box>[0.100,0.200,0.450,0.610,0.300,0.700]</box> and <box>[0.600,0.100,0.900,0.400]</box>.",
+    "How many objects are there?",
+    "Where is the red triangle?",
+]
+
+
+def test_full_chain_greedy_matches_torch(bundle, tiny):
+    """GGUF via llama.cpp + vision.onnx / region.onnx via onnxruntime == torch `generate` (8 greedy tokens)."""
+    model, tok = tiny
+    m = verify_bundle(bundle)
+    proc = Processor(tok, model.config)
+    st = m["special_tokens"]
+    vision = onnx_session(bundle / m["vision"]["file"])
+    region = onnx_session(bundle / m["referring"]["graph"])
+    rng = np.random.default_rng(3)
+    with LlamaCheck(bundle / m["llm"]["file"], n_ctx=256, n_threads=2) as lc:
+        for q in QUESTIONS:
+            enc = proc.encode_prompt(q)
+            img = rng.integers(0, 256, (1, m["image"]["height"], m["image"]["width"], 3), dtype=np.uint8)
+            emb = vision.run(["image_embeds"], {"image": img})[0]
+            replace = {st["image"]: emb[0]}
+            if enc.boxes:
+                replace[st["region"]] = region.run(
+                    ["region_embeds"], {"image_embeds": emb, "boxes": np.asarray(enc.boxes, dtype=np.float32)})[0]
+            got = lc.greedy(split_segments(enc.ids, replace), max_new_tokens=8)
+            ref = model.generate([enc.ids], torch.from_numpy(img), [enc.boxes], max_new_tokens=8)[0]
+            assert got == ref, q

@@ -1,0 +1,421 @@
+"""Referring-instruction tuning (train-adapt), ChatSpot's two-stage recipe, readable top to bottom.
+
+Stage 1: only the projector (and region encoder) learn, on image-level samples (caption, counting), LR 2e-3.
+Stage 2: the vision encoder stays frozen; projector + region encoder (LR 2e-3) and the LLM (LR 1e-4; full
+fine-tune, or LoRA adapters with --lora) learn on every task. Loss on answer tokens only, bf16 autocast on
+CPU, gradient accumulation, warmup + cosine schedule.
+
+Resumable: every `save_every` steps the trainable weights, AdamW moments, RNG states and the data position
+are written atomically to `OUT.train-state/` (safetensors + JSON, no pickle); `--resume` continues from it
+with the same data order. Under `torchrun` the same script runs DDP (gloo on CPU, nccl on GPU): each rank
+takes its share of every global batch and gradients are averaged, so replicas stay identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from chatspot_edge.errors import InputError
+from chatspot_edge.files import atomic_dir
+from chatspot_edge.model.chatspot import ChatSpotModel, ChatSpotOutput
+from chatspot_edge.model.checkpoint import save_checkpoint
+from chatspot_edge.model.preprocess import resize_pixels
+from chatspot_edge.model.processor import Processor
+
+IMAGE_LEVEL_TASKS = ("image_caption", "counting")
+PRESET_DEFAULTS = {  # batch size, stage-2 minutes, stage-1 steps, LLM LR, projector LR
+    "tiny": dict(batch_size=4, minutes=1.0, stage1_steps=2, lr_llm=1e-3, lr_proj=2e-3),
+    "mini": dict(batch_size=16, minutes=9.0, stage1_steps=30, lr_llm=1e-4, lr_proj=2e-3),
+    "smol": dict(batch_size=16, minutes=60.0, stage1_steps=60, lr_llm=1e-4, lr_proj=2e-3),
+}
+
+
+@dataclass
+class AdaptOptions:
+    preset: str
+    data: Path
+    out: Path
+    minutes: float | None = None  # stage-2 budget; the step count is fixed after the first timed steps
+    steps: int | None = None  # stage-2 optimizer steps (overrides minutes)
+    batch_size: int | None = None  # global batch (all ranks together) per optimizer step
+    grad_accum: int = 1
+    stage1_steps: int | None = None
+    eval_every: int = 0
+    eval_samples: int = 200
+    save_every: int = 100
+    resume: bool = False
+    lora: bool = False
+    seed: int = 0
+    vision_pool: int = 2
+    region_token: bool = True
+    warmup: float = 0.05  # fraction of stage-2 steps
+    max_tokens: int = 320  # longer samples are truncated (answers are short)
+    init: Path | None = None  # start from an existing checkpoint instead of the preset
+    quiet: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data: records -> padded batches
+
+class Batches:
+    """Deterministic batches over records: epoch e uses a permutation seeded by (seed, e). `position` counts
+    samples consumed, so a resumed run draws exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, records: list[dict], data_dir: Path, proc: Processor, image_size, seed: int, max_tokens: int):
+        from chatspot_edge.data import load_image
+
+        self.records, self.data_dir, self.proc = records, data_dir, proc
+        self.image_size, self.seed, self.max_tokens = image_size, seed, max_tokens
+        self.load_image = load_image
+        self.position = 0
+        self._pixels: dict[str, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+
+    def next_indices(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            epoch, k = divmod(self.position, len(self.records))
+            out.append(int(self._order(epoch)[k]))
+            self.position += 1
+        return out
+
+    def pixels(self, rec: dict) -> np.ndarray:
+        key = rec["image"]
+        if key not in self._pixels:
+            self._pixels[key] = resize_pixels(self.load_image(self.data_dir, rec), self.image_size)
+        return self._pixels[key]
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        encs, pix = [], []
+        for i in indices:
+            rec = self.records[i]
+            enc = self.proc.encode_conversation(rec["conversations"])
+            if len(enc.ids) > self.max_tokens:  # keep the prompt, truncate the tail (labels included)
+                n_regions = enc.ids[: self.max_tokens].count(self.proc.config.region_token_id)
+                enc.ids, enc.labels, enc.boxes = enc.ids[: self.max_tokens], enc.labels[: self.max_tokens], enc.boxes[:n_regions]
+            encs.append(enc)
+            pix.append(self.pixels(rec))
+        T = max(len(e.ids) for e in encs)
+        pad = self.proc.config.pad_token_id
+        ids = torch.full((len(encs), T), pad, dtype=torch.long)
+        labels = torch.full((len(encs), T), -100, dtype=torch.long)
+        mask = torch.zeros((len(encs), T), dtype=torch.long)
+        for b, e in enumerate(encs):
+            ids[b, : len(e.ids)] = torch.tensor(e.ids)
+            labels[b, : len(e.ids)] = torch.tensor(e.labels)
+            mask[b, : len(e.ids)] = 1
+        boxes = torch.tensor([bx for e in encs for bx in e.boxes], dtype=torch.float32).reshape(-1, 4)
+        box_batch = torch.tensor([b for b, e in enumerate(encs) for _ in e.boxes], dtype=torch.long)
+        return dict(input_ids=ids, attention_mask=mask, labels=labels, boxes=boxes, box_batch=box_batch,
+                    pixels=torch.from_numpy(np.stack(pix)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# optimizer state <-> safetensors (no pickle)
+
+def _named_trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def save_train_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict) -> None:
+    with atomic_dir(folder) as tmp:
+        named = _named_trainable(model)
+        weights = {n: p.detach().contiguous().clone() for n, p in named}
+        # tied parameters appear once in named_parameters, so names are unique
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        moments: dict[str, torch.Tensor] = {}
+        steps: dict[str, float] = {}
+        for n, p in named:
+            st = opt.state.get(p, {})
+            if "exp_avg" in st:
+                moments[f"{n}::exp_avg"] = st["exp_avg"].contiguous()
+                moments[f"{n}::exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+                steps[n] = float(st["step"])
+        rng = {"torch": torch.get_rng_state()}
+        save_file(moments or {"_empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
+        meta = dict(meta, adam_steps=steps, python_random=random.getstate()[1][:1])
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def load_train_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    named = dict(_named_trainable(model))
+    weights = load_file(str(folder / "trainable.safetensors"))
+    if set(weights) != set(named):
+        raise InputError(f"{folder}: trainable parameters differ from this run (different options?)")
+    with torch.no_grad():
+        for n, w in weights.items():
+            named[n].copy_(w)
+    meta = json.loads((folder / "state.json").read_text())
+    moments = load_file(str(folder / "optimizer.safetensors"))
+    for n, p in named.items():
+        if f"{n}::exp_avg" in moments:
+            opt.state[p] = {"step": torch.tensor(meta["adam_steps"][n]),
+                            "exp_avg": moments[f"{n}::exp_avg"].clone(),
+                            "exp_avg_sq": moments[f"{n}::exp_avg_sq"].clone()}
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _log(opts: AdaptOptions, rank: int, msg: str) -> None:
+    if rank == 0 and not opts.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _set_trainable(model: ChatSpotModel, stage: int, lora: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad = False
+    for m in (model.projector, model.region):
+        if m is not None:
+            for p in m.parameters():
+                p.requires_grad = True
+    if stage == 2:
+        for n, p in model.llm.named_parameters():
+            p.requires_grad = ("lora_" in n) if lora else True
+
+
+def _param_groups(model: ChatSpotModel, lr_llm: float, lr_proj: float) -> list[dict]:
+    proj = [p for m in (model.projector, model.region) if m is not None for p in m.parameters() if p.requires_grad]
+    llm = [p for p in model.llm.parameters() if p.requires_grad]
+    groups = [{"params": proj, "lr": lr_proj, "base_lr": lr_proj, "weight_decay": 0.0}]
+    if llm:
+        groups.append({"params": llm, "lr": lr_llm, "base_lr": lr_llm, "weight_decay": 0.0})
+    return groups
+
+
+def _build_model(opts: AdaptOptions):
+    from chatspot_edge.model.checkpoint import load_checkpoint
+    from chatspot_edge.model.presets import build_preset
+
+    if opts.init is not None:
+        return load_checkpoint(opts.init)
+    model, tok = build_preset(opts.preset, pretrained=True, vision_pool=opts.vision_pool, seed=opts.seed)
+    if not opts.region_token:
+        model.config.region_token = False
+        model.region = None
+    return model, tok
+
+
+def adapt(opts: AdaptOptions) -> dict:
+    """Train; write the checkpoint to `opts.out` atomically. Returns a summary (steps, time, losses)."""
+    from chatspot_edge.data import load_split
+
+    if opts.preset not in PRESET_DEFAULTS:
+        raise InputError(f"unknown preset {opts.preset!r} (choose from {', '.join(PRESET_DEFAULTS)})")
+    d = PRESET_DEFAULTS[opts.preset]
+    batch_size = opts.batch_size or d["batch_size"]
+    stage1_steps = d["stage1_steps"] if opts.stage1_steps is None else opts.stage1_steps
+    minutes = opts.minutes if opts.minutes is not None else d["minutes"]
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = world > 1
+    device = "cpu"
+    if distributed and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    elif torch.cuda.is_available() and os.environ.get("CHATSPOT_DEVICE", "") == "cuda":
+        device = "cuda"
+    if device == "cpu" and distributed:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if batch_size % (world * opts.grad_accum):
+        raise InputError(f"--batch-size {batch_size} must be divisible by world size x grad-accum ({world}x{opts.grad_accum})")
+    micro = batch_size // (world * opts.grad_accum)
+
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+    records = load_split(opts.data, "train")
+    if not records:
+        raise InputError(f"{opts.data}: no training records")
+    model, tok = _build_model(opts)
+    if opts.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model.llm = get_peft_model(model.llm, LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.to(device)
+    proc = Processor(tok, model.config)
+    image_level = [r for r in records if r.get("task") in IMAGE_LEVEL_TASKS] or records
+    data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, opts.max_tokens)
+    data1 = Batches(image_level, opts.data, proc, model.config.vision.image_size, opts.seed + 1, opts.max_tokens)
+    data1._pixels = data2._pixels  # one image cache
+
+    state_dir = opts.out.with_name(opts.out.name + ".train-state")
+    meta = {"stage": 1, "step": 0, "total_steps": opts.steps, "pos1": 0, "pos2": 0, "elapsed": 0.0,
+            "losses": [], "evals": [], "options": {k: str(v) for k, v in asdict(opts).items()}}
+    resumed = False
+    if opts.resume and (state_dir / "state.json").is_file():
+        saved = json.loads((state_dir / "state.json").read_text())
+        _set_trainable(model, saved["stage"], opts.lora)
+        opt = torch.optim.AdamW(_param_groups(model, d["lr_llm"], d["lr_proj"]), betas=(0.9, 0.95))
+        meta = load_train_state(state_dir, model, opt)
+        data1.position, data2.position = meta["pos1"], meta["pos2"]
+        resumed = True
+        _log(opts, rank, f"resumed from {state_dir}: stage {meta['stage']}, step {meta['step']}")
+
+    autocast = torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    model.vision.eval()  # frozen, BatchNorm in inference mode
+
+    def train_step(data: Batches, opt: torch.optim.Optimizer, factor: float) -> tuple[float, int]:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        global_idx = data.next_indices(batch_size)
+        mine = global_idx[rank::world]
+        total_loss, n_tok = 0.0, 0
+        for a in range(opts.grad_accum):
+            batch = {k: v.to(device) for k, v in data.collate(mine[a * micro:(a + 1) * micro]).items()}
+            with torch.no_grad(), autocast:
+                features = model.vision(batch.pop("pixels"))
+            last = a == opts.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or not distributed) else fwd.no_sync()
+            with sync:
+                with autocast:
+                    out = fwd(features, **batch)
+                (out.loss / opts.grad_accum).backward()
+            total_loss += float(out.loss.detach()) / opts.grad_accum
+            n_tok += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total_loss, n_tok * world
+
+    def wrap() -> torch.nn.Module:
+        """The forward module for the current trainable set (DDP registers its hooks at construction)."""
+        if not distributed:
+            return _Forward(model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(_Forward(model), find_unused_parameters=True)
+
+    fwd = None
+    t_start = time.perf_counter() - meta.get("elapsed", 0.0)
+
+    # ---- stage 1: projector alignment ----------------------------------------------------------------------
+    if meta["stage"] == 1:
+        if not resumed:
+            _set_trainable(model, 1, opts.lora)
+            opt = torch.optim.AdamW(_param_groups(model, d["lr_llm"], d["lr_proj"]), betas=(0.9, 0.95))
+        model.train(); model.vision.eval()
+        fwd = wrap()
+        while meta["step"] < stage1_steps:
+            loss, _ = train_step(data1, opt, lr_factor(meta["step"], stage1_steps, max(1, stage1_steps // 10)))
+            meta["step"] += 1
+            meta["losses"].append([1, meta["step"], round(loss, 4)])
+            if meta["step"] % 10 == 0 or meta["step"] == stage1_steps:
+                _log(opts, rank, f"stage 1 step {meta['step']}/{stage1_steps} loss {loss:.3f}")
+        meta.update(stage=2, step=0, pos1=data1.position)
+        resumed = False
+
+    # ---- stage 2: projector + LLM on every task ------------------------------------------------------------
+    if not resumed:
+        _set_trainable(model, 2, opts.lora)
+        opt = torch.optim.AdamW(_param_groups(model, d["lr_llm"], d["lr_proj"]), betas=(0.9, 0.95))
+    model.train(); model.vision.eval()
+    fwd = wrap()
+    total = meta["total_steps"]
+    t2 = time.perf_counter()
+    timing_steps = 5
+    tokens_seen, t_last, last_print = 0, time.perf_counter(), 0.0
+    while total is None or meta["step"] < total:
+        warm = max(1, int(opts.warmup * (total or 1000)))
+        loss, n_tok = train_step(data2, opt, lr_factor(meta["step"], total or 1000, warm))
+        meta["step"] += 1
+        tokens_seen += n_tok
+        meta["losses"].append([2, meta["step"], round(loss, 4)])
+        if total is None and meta["step"] == timing_steps:  # fix the schedule from the measured step time
+            per_step = (time.perf_counter() - t2) / timing_steps
+            est = int(minutes * 60 / per_step)
+            if distributed:
+                t = torch.tensor([est], dtype=torch.long)
+                dist.broadcast(t, 0)
+                est = int(t)
+            total = meta["total_steps"] = max(timing_steps + 1, est)
+            _log(opts, rank, f"stage 2: {per_step:.2f} s/step -> {total} steps in {minutes:g} min")
+        now = time.perf_counter()
+        if now - last_print > 5 or meta["step"] == total:
+            rate = tokens_seen / max(now - t_last, 1e-9)
+            eta = (total - meta["step"]) * (now - t2) / max(1, meta["step"]) if total else float("nan")
+            _log(opts, rank, f"stage 2 step {meta['step']}/{total or '?'} loss {loss:.3f} "
+                             f"{rate:,.0f} tok/s {batch_size * meta['step'] / (now - t2):.1f} samples/s ETA {eta:.0f}s")
+            last_print = now
+        if opts.eval_every and meta["step"] % opts.eval_every == 0 and rank == 0:
+            acc = quick_eval(model, tok, opts.data, opts.eval_samples)
+            meta["evals"].append({"step": meta["step"], "elapsed_s": round(time.perf_counter() - t_start, 1), **acc})
+            _log(opts, rank, f"eval @ {meta['step']}: {acc}")
+            model.train(); model.vision.eval()
+        if opts.save_every and meta["step"] % opts.save_every == 0 and meta["step"] < (total or 0):
+            meta.update(pos1=data1.position, pos2=data2.position, elapsed=time.perf_counter() - t_start)
+            if rank == 0:
+                save_train_state(state_dir, model, opt, meta)
+            if distributed:
+                dist.barrier()
+
+    elapsed = time.perf_counter() - t_start
+    model.eval()
+    if rank == 0:
+        if opts.lora:
+            model.llm = model.llm.merge_and_unload()
+        model.config.provenance = dict(model.config.provenance, adapt={
+            "data": str(opts.data), "stage1_steps": stage1_steps, "stage2_steps": meta["step"],
+            "batch_size": batch_size, "train_seconds": round(elapsed, 1), "lora": opts.lora, "seed": opts.seed})
+        log = {"losses": meta["losses"], "evals": meta["evals"], "train_seconds": elapsed}
+        save_checkpoint(model.cpu(), tok, opts.out, extra_files={"training_log.json": json.dumps(log)})
+        shutil.rmtree(state_dir, ignore_errors=True)
+        _log(opts, rank, f"wrote {opts.out} ({meta['step']} stage-2 steps, {elapsed / 60:.1f} min)")
+    if distributed:
+        dist.barrier()
+    return {"steps": meta["step"], "seconds": elapsed, "losses": meta["losses"], "evals": meta["evals"]}
+
+
+class _Forward(torch.nn.Module):
+    """Model call that takes precomputed (frozen) vision features and runs projector + LLM."""
+
+    def __init__(self, model: ChatSpotModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, vision_features: torch.Tensor, **batch) -> ChatSpotOutput:
+        return self.model(image_embeds=self.model.projector(vision_features), **batch)
+
+
+def quick_eval(model: ChatSpotModel, tok, data: Path, n: int) -> dict:
+    """Region recognition and point QA on the first `n` test records (the learning curve)."""
+    from chatspot_edge.data import load_image, load_split
+    from chatspot_edge.evaluation.answerers import TorchAnswerer
+    from chatspot_edge.evaluation.protocol import evaluate
+
+    records = [r for r in load_split(data, "test") if r.get("task") in ("region_recognition", "point_qa")][:n]
+    model.eval()
+    res = evaluate(TorchAnswerer(model, tok, batch_size=32, autocast=torch.bfloat16), records,
+                   lambda r: load_image(data, r), noise=False)
+    m = res["metrics"]
+    return {"region_recognition": m["region_recognition"], "point_qa": m["point_qa"]}
