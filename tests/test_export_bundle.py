@@ -189,3 +189,66 @@ def test_full_chain_greedy_matches_torch(bundle, tiny):
             got = lc.greedy(split_segments(enc.ids, replace), max_new_tokens=8)
             ref = model.generate([enc.ids], torch.from_numpy(img), [enc.boxes], max_new_tokens=8)[0]
             assert got == ref, q
+
+
+def test_no_region_token_bundle_with_coreml(tiny, tmp_path):
+    """region_token false: no region graph, `referring` is exactly the SPEC's; --coreml adds vision.mlpackage."""
+    pytest.importorskip("coremltools")
+    from chatspot_edge.model.chatspot import ChatSpotModel
+
+    model, tok = tiny
+    cfg = type(model.config).from_dict({**model.config.to_dict(), "region_token": False})
+    torch.manual_seed(2)
+    plain = ChatSpotModel(cfg).eval()
+    ck = save_checkpoint(plain, tok, tmp_path / "ck")
+    b = export_bundle(ck, tmp_path / "b", coreml=True, llm_dtype="bf16")
+    m = verify_bundle(b)
+    assert m["referring"] == {"format": "chatspot-text-v1", "region_token": False}
+    assert not (b / "region.onnx").exists()
+    assert m["llm"]["file"] == "llm-bf16.gguf" and m["llm"]["quant"] == "BF16"
+    cm = m["vision"]["coreml"]
+    assert cm["file"] == "vision.mlpackage" and cm["input_dtype"] == "int32" and cm["precision"] == "fp16"
+    assert any(f.startswith("vision.mlpackage/") for f in m["files"])
+    assert "coremltools" in m["model"]["provenance"]["tools"]
+
+
+def test_llava_folder_exports_and_runs(tmp_path):
+    """A Hugging Face LLaVA folder (CLIP tower) goes through the same export; llama.cpp + onnxruntime match torch."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from chatspot_edge.model.checkpoint import load_checkpoint
+    from chatspot_edge.model.tokenizer import smollm2_tokenizer
+
+    tok = smollm2_tokenizer()
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=32, patch_size=8, projection_dim=32)
+    tc = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                     eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    hf = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc,
+                                                   image_token_index=tok.convert_tokens_to_ids("<image>"))).eval()
+    folder = tmp_path / "llava"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    b = export_bundle(folder, tmp_path / "b", llm_dtype="f32")
+    m = verify_bundle(b)
+    assert m["image"]["height"] == 32 and m["image"]["tokens"] == 16 and m["llm"]["n_embd"] == 48
+    assert "checkpoint_files_sha256" in m["model"]["provenance"] or "checkpoint_sha256" in m["model"]["provenance"]
+    model, tok2 = load_checkpoint(folder)
+    proc = Processor(tok2, model.config)
+    enc = proc.encode_prompt("What is in <box>[0.100,0.200,0.450,0.610]</box>?")
+    img = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    emb = onnx_session(b / "vision.onnx").run(["image_embeds"], {"image": img})[0]
+    with torch.no_grad():
+        ref_emb = model.encode_image(torch.from_numpy(img)).numpy()
+    assert np.abs(emb - ref_emb).max() <= 1e-5 * np.abs(ref_emb).max()
+    replace = {m["special_tokens"]["image"]: emb[0]}
+    if m["referring"]["region_token"]:
+        replace[m["special_tokens"]["region"]] = onnx_session(b / "region.onnx").run(
+            ["region_embeds"], {"image_embeds": emb, "boxes": np.asarray(enc.boxes, np.float32)})[0]
+    with LlamaCheck(b / m["llm"]["file"], n_ctx=128) as lc:
+        got = lc.greedy(split_segments(enc.ids, replace), max_new_tokens=8)
+    ref = model.generate([enc.ids], torch.from_numpy(img), [enc.boxes if model.config.region_token else []],
+                         max_new_tokens=8)[0]
+    assert got == ref

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -378,6 +379,8 @@ def adapt(opts: AdaptOptions) -> dict:
                 save_train_state(state_dir, model, opt, meta)
             if distributed:
                 dist.barrier()
+            if os.environ.get("CHATSPOT_KILL_AT_STEP") == str(meta["step"]):  # fault injection for the resume test
+                os.kill(os.getpid(), signal.SIGKILL)
 
     elapsed = time.perf_counter() - t_start
     model.eval()
@@ -393,7 +396,7 @@ def adapt(opts: AdaptOptions) -> dict:
         _log(opts, rank, f"wrote {opts.out} ({meta['step']} stage-2 steps, {elapsed / 60:.1f} min)")
     if distributed:
         dist.barrier()
-    return {"steps": meta["step"], "seconds": elapsed, "losses": meta["losses"], "evals": meta["evals"]}
+    return {"steps": meta["step"], "seconds": elapsed, "losses": meta["losses"], "evals": meta["evals"], "model": model}
 
 
 class _Forward(torch.nn.Module):

@@ -1,0 +1,103 @@
+"""train-adapt: a tiny run trains and evaluates, a killed run resumes to the same weights, DDP replicas agree."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chatspot_edge.data import generate
+
+
+@pytest.fixture(scope="module")
+def spot(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spot") / "sw"
+    generate(d, seed=3, n_train=48, n_test=24, workers=1)
+    return d
+
+
+def _adapt(data: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "chatspot_edge.cli", "adapt", "--preset", "tiny", "--data", str(data),
+           "--out", str(out), "--steps", "8", "--stage1-steps", "2", "--batch-size", "4", "--save-every", "3", *extra]
+    return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def test_kill_and_resume_matches_uninterrupted(spot, tmp_path):
+    full = _adapt(spot, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _adapt(spot, tmp_path / "run", env={"CHATSPOT_KILL_AT_STEP": "6"})
+    assert killed.returncode == -9  # SIGKILL right after the step-6 state was saved
+    assert not (tmp_path / "run").exists()  # no half-written checkpoint
+    state = json.loads((tmp_path / "run.train-state" / "state.json").read_text())
+    assert state["stage"] == 2 and state["step"] == 6
+    resumed = _adapt(spot, tmp_path / "run", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    assert not (tmp_path / "run.train-state").exists()
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    la = json.loads((tmp_path / "full" / "training_log.json").read_text())["losses"]
+    lb = json.loads((tmp_path / "run" / "training_log.json").read_text())["losses"]
+    assert [x[:2] for x in la] == [x[:2] for x in lb]
+    assert all(abs(x[2] - y[2]) < 1e-3 for x, y in zip(la, lb))
+
+
+def test_adapt_changes_trainable_parts_only_and_evaluates(spot, tmp_path):
+    from chatspot_edge.evaluation import evaluate_path
+    from chatspot_edge.model.presets import build_preset
+
+    r = _adapt(spot, tmp_path / "ck")
+    assert r.returncode == 0, r.stderr[-2000:]
+    base, _ = build_preset("tiny", seed=0)
+    trained = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    ref = base.state_dict()
+    # frozen vision encoder unchanged; projector and LLM moved
+    assert all(torch.equal(trained[k], ref[k]) for k in trained if k.startswith("vision."))
+    assert not torch.equal(trained["projector.linear_1.weight"], ref["projector.linear_1.weight"])
+    assert not torch.equal(trained["llm.model.layers.0.mlp.up_proj.weight"], ref["llm.model.layers.0.mlp.up_proj.weight"])
+    res = evaluate_path(tmp_path / "ck", spot, tmp_path / "eval.json", limit=12)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert set(saved["metrics"]) == {"region_recognition", "point_qa", "region_ocr", "grounding",
+                                     "noise_0.1", "noise_0.2", "noise_0.3", "hallucination"}
+    assert saved["n"] == 12 and res["metrics"] == saved["metrics"]
+
+
+def test_bad_data_is_exit_2(tmp_path):
+    r = _adapt(tmp_path / "missing", tmp_path / "ck")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:")
+
+
+DDP_WORKER = r'''
+import hashlib, json, os, sys
+from pathlib import Path
+import torch
+from chatspot_edge.train.adapt import AdaptOptions, adapt
+res = adapt(AdaptOptions(preset="tiny", data=Path(sys.argv[1]), out=Path(sys.argv[2]), steps=3, stage1_steps=1,
+                         batch_size=4, save_every=0, quiet=True))
+h = hashlib.sha256()
+for n, p in sorted(res["model"].named_parameters()):
+    h.update(n.encode()); h.update(p.detach().float().numpy().tobytes())
+Path(sys.argv[2] + f".rank{os.environ['RANK']}").write_text(h.hexdigest())
+'''
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_keep_replicas_identical(spot, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(worker), str(spot), str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    h0 = Path(str(out) + ".rank0").read_text()
+    h1 = Path(str(out) + ".rank1").read_text()
+    assert h0 == h1
+    assert (out / "model.safetensors").is_file()
