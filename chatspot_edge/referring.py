@@ -176,6 +176,12 @@ def parse_regions(text: str) -> list[Region]:
     return out
 
 
+def region_boxes(text: str) -> list[tuple[float, float, float, float]]:
+    """Normalized bounding boxes of the regions written in `text`, in order: what region embeddings pool
+    (a point is a zero-size box; the region encoder grows it to one grid cell)."""
+    return [r.bbox() for r in parse_regions(text)]
+
+
 def insert_region_tokens(text: str) -> str:
     """Put the region-embedding placeholder after every `</box>` (models with referring.region_token)."""
     return text.replace(BOX_END, BOX_END + REGION_TOKEN)

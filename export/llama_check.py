@@ -52,9 +52,9 @@ class LlamaCheck:
 
     def __init__(self, path: str | Path, n_ctx: int = 512, n_batch: int = 512, n_threads: int = 2,
                  f32_kv: bool = True, vocab_only: bool = False):
+        _init_backend()  # before the first `import llama_cpp` (sets OMP_WAIT_POLICY)
         import llama_cpp as lc
 
-        _init_backend()
         self.lc = lc
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from chatspot_edge.model.config import ChatSpotConfig
 from chatspot_edge.model.prompt import PromptFormat, strip_image_token
 from chatspot_edge.model.chatspot import IGNORE_INDEX
-from chatspot_edge.referring import IMAGE_TOKEN, insert_region_tokens, parse_regions
+from chatspot_edge.referring import IMAGE_TOKEN, insert_region_tokens, region_boxes
 
 Box = tuple[float, float, float, float]
 
@@ -42,7 +42,7 @@ class Processor:
 
     def question_boxes(self, question: str) -> list[Box]:
         """Normalized boxes of the question's regions (a point is a zero-size box)."""
-        return [r.bbox() for r in parse_regions(question)] if self.config.region_token else []
+        return region_boxes(question) if self.config.region_token else []
 
     def prepare_question(self, question: str) -> str:
         """The question text as the model reads it (`<region>` after each `</box>` when enabled)."""

@@ -1,3 +1,7 @@
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see chatspot_edge/__init__.py
+
 import pytest
 
 

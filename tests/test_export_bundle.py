@@ -168,6 +168,7 @@ QUESTIONS = [
 ]
 
 
+@pytest.mark.llama
 def test_full_chain_greedy_matches_torch(bundle, tiny):
     """GGUF via llama.cpp + vision.onnx / region.onnx via onnxruntime == torch `generate` (8 greedy tokens)."""
     model, tok = tiny
@@ -212,6 +213,7 @@ def test_no_region_token_bundle_with_coreml(tiny, tmp_path):
     assert "coremltools" in m["model"]["provenance"]["tools"]
 
 
+@pytest.mark.llama
 def test_llava_folder_exports_and_runs(tmp_path):
     """A Hugging Face LLaVA folder (CLIP tower) goes through the same export; llama.cpp + onnxruntime match torch."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

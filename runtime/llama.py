@@ -1,0 +1,244 @@
+"""A thin layer over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+What the high-level `llama_cpp.Llama` class lacks and the runtime needs: float embeddings fed at any
+position (`llama_batch_init(n, n_embd, 1)` + `batch.embd`; a batch holds tokens OR embeddings), several
+sequences in one context with per-sequence KV trimming (`llama_memory_seq_rm`), and saving / restoring one
+sequence's state. Positions are explicit everywhere: the caller owns the layout of each sequence.
+
+AMX: ggml's AMX matmul segfaults on quantized weights (upstream bug). When the loaded ggml reports AMX and
+the model is quantized, the extra (repacking) buffer types are turned off, which avoids those kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from chatspot_edge.errors import BundleError, InputError
+
+_BACKEND_READY = False
+_LOG_CALLBACK = None  # kept referenced: llama.cpp calls it from C
+
+
+def _log(level, text, user_data):  # noqa: ANN001 - ctypes callback; llama.cpp is quiet unless asked
+    if os.environ.get("CHATSPOT_LLAMA_LOG"):
+        print(text.decode(errors="replace"), end="")
+
+
+def _lib():
+    global _BACKEND_READY, _LOG_CALLBACK
+    import llama_cpp
+
+    if not _BACKEND_READY:
+        llama_cpp.llama_backend_init()
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(_log)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        _BACKEND_READY = True
+    return llama_cpp
+
+
+def system_info() -> str:
+    """ggml's CPU feature report, e.g. 'CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | ...'."""
+    llama_cpp = _lib()
+    return llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
+def has_amx() -> bool:
+    return re.search(r"AMX_INT8\s*=\s*1", system_info()) is not None
+
+
+def safe_extra_bufts(quantized: bool) -> bool:
+    """Whether to keep llama.cpp's extra buffer types (weight repacking). Off for quantized models when the
+    build has AMX kernels (they crash); CHATSPOT_EXTRA_BUFTS=0/1 overrides."""
+    env = os.environ.get("CHATSPOT_EXTRA_BUFTS")
+    if env in ("0", "1"):
+        return env == "1"
+    return not (quantized and has_amx())
+
+
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture` of a GGUF file, read with the gguf package (no model load)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure is a broken file
+        raise BundleError(f"{path}: not a readable GGUF file ({e})") from None
+    f = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    return f.contents() if f is not None else ""
+
+
+class LlamaModel:
+    """One GGUF model and one context with `n_seq_max` sequences sharing a unified KV cache of `n_ctx` cells."""
+
+    def __init__(self, path: str | Path, n_ctx: int = 2048, threads: int | None = None, n_seq_max: int = 4,
+                 quantized: bool = False, f32_kv: bool = False, flash_attn: bool | None = None,
+                 use_mmap: bool = True, n_batch: int = 512):
+        llama_cpp = _lib()
+        self._c = llama_cpp
+        path = Path(path)
+        mp = llama_cpp.llama_model_default_params()
+        mp.use_mmap = use_mmap
+        mp.n_gpu_layers = 0
+        mp.use_extra_bufts = safe_extra_bufts(quantized)
+        self.extra_bufts = bool(mp.use_extra_bufts)
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise BundleError(f"{path}: llama.cpp could not load this GGUF")
+        threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = min(n_batch, n_ctx)
+        cp.n_ubatch = min(n_batch, n_ctx)
+        cp.n_seq_max = n_seq_max
+        cp.n_threads = threads
+        cp.n_threads_batch = threads
+        cp.kv_unified = True
+        cp.no_perf = False
+        if f32_kv:
+            cp.type_k = llama_cpp.GGML_TYPE_F32
+            cp.type_v = llama_cpp.GGML_TYPE_F32
+        if flash_attn is not None:
+            cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise BundleError(f"{path}: llama.cpp could not create a context (n_ctx={n_ctx})")
+        self.threads = threads
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_batch = cp.n_batch
+        self.n_seq_max = n_seq_max
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self._tok_batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._emb_batch = llama_cpp.llama_batch_init(self.n_batch, self.n_embd, 1)
+        self._tok_buf = (llama_cpp.llama_token * 8192)()
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._greedy = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(self._greedy, llama_cpp.llama_sampler_init_greedy())
+
+    # -- text --------------------------------------------------------------------------------------------
+    def tokenize(self, text: str, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n = self._c.llama_tokenize(self.vocab, data, len(data), self._tok_buf, len(self._tok_buf), False, parse_special)
+        if n < 0:
+            buf = (self._c.llama_token * (-n))()
+            n = self._c.llama_tokenize(self.vocab, data, len(data), buf, -n, False, parse_special)
+            return list(buf[:n])
+        return list(self._tok_buf[:n])
+
+    def piece(self, token: int, special: bool = True) -> bytes:
+        n = self._c.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._c.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._c.llama_vocab_is_eog(self.vocab, token))
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = self._c.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode(errors="replace") if n >= 0 else None
+
+    # -- decoding ----------------------------------------------------------------------------------------
+    def _decode(self, batch, what: str) -> None:
+        rc = self._c.llama_decode(self.ctx, batch)
+        if rc != 0:
+            if rc == 1:
+                raise InputError(f"llama.cpp: no KV cache space for this {what} (context of {self.n_ctx} is full)")
+            raise RuntimeError(f"llama_decode failed ({rc}) on {what}")
+
+    def decode_tokens(self, tokens: list[int], seq: int, pos: int, logits_last: bool = True) -> int:
+        """Append `tokens` to sequence `seq` at positions pos, pos+1, ...; returns the next position."""
+        b = self._tok_batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            n = len(chunk)
+            last = start + n == len(tokens)
+            for i, t in enumerate(chunk):
+                b.token[i] = t
+                b.pos[i] = pos + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = 1 if (logits_last and last and i == n - 1) else 0
+            b.n_tokens = n
+            self._decode(b, "text")
+        return pos + len(tokens)
+
+    def decode_embeddings(self, embeds: np.ndarray, seq: int, pos: int, logits_last: bool = False) -> int:
+        """Append float embeddings `[n, n_embd]` (e.g. image embeddings) to `seq` at pos, pos+1, ..."""
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        if embeds.ndim != 2 or embeds.shape[1] != self.n_embd:
+            raise BundleError(f"embeddings of shape {embeds.shape} do not fit the LLM (n_embd={self.n_embd})")
+        b = self._emb_batch
+        for start in range(0, embeds.shape[0], self.n_batch):
+            chunk = embeds[start:start + self.n_batch]
+            n = chunk.shape[0]
+            last = start + n == embeds.shape[0]
+            ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
+            for i in range(n):
+                b.pos[i] = pos + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = 1 if (logits_last and last and i == n - 1) else 0
+            b.n_tokens = n
+            self._decode(b, "embedding batch")
+        return pos + embeds.shape[0]
+
+    def logits(self) -> np.ndarray:
+        """Logits `[n_vocab]` of the last position that asked for them (a view: copy to keep)."""
+        ptr = self._c.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def greedy(self) -> int:
+        return int(self._c.llama_sampler_sample(self._greedy, self.ctx, -1))
+
+    def sample(self, temperature: float, rng: np.random.Generator) -> int:
+        """Temperature sampling from the last logits (greedy when temperature <= 0)."""
+        if temperature <= 0:
+            return self.greedy()
+        z = self.logits().astype(np.float64) / temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        return int(rng.choice(self.n_vocab, p=p))
+
+    # -- sequences ---------------------------------------------------------------------------------------
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> None:
+        self._c.llama_memory_seq_rm(self.mem, seq, p0, p1)
+
+    def seq_save(self, seq: int) -> bytes:
+        n = self._c.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * n)()
+        written = self._c.llama_state_seq_get_data(self.ctx, buf, n, seq)
+        return bytes(buf[:written])
+
+    def seq_load(self, seq: int, state: bytes) -> None:
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if self._c.llama_state_seq_set_data(self.ctx, buf, len(state), seq) == 0:
+            raise RuntimeError("llama.cpp could not restore a saved sequence state")
+
+    def close(self) -> None:
+        c = self._c
+        if getattr(self, "ctx", None):
+            c.llama_batch_free(self._tok_batch)
+            c.llama_batch_free(self._emb_batch)
+            c.llama_sampler_free(self._greedy)
+            c.llama_free(self.ctx)
+            c.llama_model_free(self.model)
+            self.ctx = None
+
+    def __del__(self):  # noqa: D105
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,77 @@
+"""Vision encoder backends for a bundle: ONNX Runtime everywhere, Core ML on macOS.
+
+Contract (SPEC section 3): input `image` uint8 `[1, H, W, 3]` (already resized with the manifest's filter),
+output `image_embeds` float32 `[1, N, d]`.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from chatspot_edge.errors import BundleError, InputError
+
+
+class OnnxVision:
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+        self.output_shape = outputs[0].shape
+        self.input_type = inputs[0].type
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        x = pixels[None] if pixels.ndim == 3 else pixels
+        if "uint8" not in self.input_type:
+            x = x.astype(np.float32)
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+class CoreMLVision:
+    def __init__(self, path: Path):
+        if platform.system() != "Darwin":
+            raise InputError("Core ML prediction runs on macOS only; use vision_backend='onnxruntime' here")
+        import coremltools as ct
+
+        self.model = ct.models.MLModel(str(path))
+        self.output_shape = None
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        x = pixels[None] if pixels.ndim == 3 else pixels
+        out = self.model.predict({"image": x})
+        return np.asarray(out["image_embeds"], dtype=np.float32)
+
+
+class OnnxRegion:
+    """`region.onnx`: (image_embeds `[1, N, d]`, boxes `[R, 4]` normalized) -> region_embeds `[R, d]`."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001
+            raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.output = self.session.get_outputs()[0].name
+
+    def __call__(self, image_embeds: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        feed = dict(zip(self.names, (image_embeds[None] if image_embeds.ndim == 2 else image_embeds,
+                                     np.asarray(boxes, dtype=np.float32).reshape(-1, 4))))
+        return self.session.run([self.output], feed)[0].reshape(len(boxes), -1)
