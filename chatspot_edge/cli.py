@@ -111,6 +111,44 @@ def inspect(bundle: Path = typer.Argument(...)) -> None:
 
 
 @app.command()
+def ask(
+    bundle: Path = typer.Argument(...),
+    image: Path = typer.Argument(...),
+    question: str = typer.Argument(...),
+    point: Optional[str] = typer.Option(None, help="X,Y in pixels of the original image"),
+    box: Optional[str] = typer.Option(None, help="X1,Y1,X2,Y2 in pixels"),
+    polygon: Optional[str] = typer.Option(None, help="X1,Y1,X2,Y2,X3,Y3,... in pixels"),
+    clip: bool = typer.Option(False, help="clip a region that crosses the image border instead of refusing it"),
+    max_tokens: int = typer.Option(128, "--max-tokens"),
+    temperature: float = typer.Option(0.0),
+    threads: Optional[int] = typer.Option(None),
+    llm: Optional[str] = typer.Option(None, help="LLM variant (e.g. Q4_K_M); default: the manifest's"),
+    vision: Optional[str] = typer.Option(None, help="vision variant (fp32, fp16, int8)"),
+    timings: bool = typer.Option(False, help="print TTFT and decode speed to stderr"),
+) -> None:
+    """One answer about a region of an image, streamed. The region goes in front of the question, or where
+    the question says {region}."""
+    from chatspot_edge.runtime.cli import ask as run_ask
+
+    run_ask(bundle, image, question, point, box, polygon, clip, max_tokens, temperature, threads, llm, vision, timings)
+
+
+@app.command()
+def chat(
+    bundle: Path = typer.Argument(...),
+    image: Path = typer.Argument(...),
+    threads: Optional[int] = typer.Option(None),
+    llm: Optional[str] = typer.Option(None),
+    vision: Optional[str] = typer.Option(None),
+    max_tokens: int = typer.Option(256, "--max-tokens"),
+) -> None:
+    """Interactive multi-turn session on one image (/point, /box, /polygon, /image, /reset; /help)."""
+    from chatspot_edge.runtime.cli import chat as run_chat
+
+    run_chat(bundle, image, threads, llm, vision, max_tokens)
+
+
+@app.command()
 def pipeline(
     preset: str = typer.Option("mini"),
     out: Path = typer.Option(Path("runs/demo")),

@@ -84,6 +84,7 @@ def smollm2_tokenizer():
 
 
 def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
+    """The fast tokenizer saved in a checkpoint folder (our config.json is not a transformers config)."""
+    from transformers import PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return PreTrainedTokenizerFast.from_pretrained(str(path))

@@ -14,6 +14,7 @@ and restored on their next question, so answers never leak between images.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import time
@@ -316,7 +317,8 @@ class Session:
         native += time.perf_counter() - n0
         t.prefill_ms = (time.perf_counter() - n0) * 1e3 - t.vision_ms
         t.ttft_ms = (time.perf_counter() - t0) * 1e3
-        answer = bytearray()
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # holds back a character split across tokens
+        text = ""
         emitted = 0
         t_dec = time.perf_counter()
         stopped = False
@@ -324,29 +326,23 @@ class Session:
             if llm.is_eog(tok):
                 stopped = True
                 break
-            answer += llm.piece(tok)
+            text += utf8.decode(llm.piece(tok))
             t.n_generated += 1
-            text = answer.decode("utf-8", errors="ignore")
             cut = _stop_at(text, eng.stop)
             if cut is not None:
                 text = text[:cut]
-                if len(text) > emitted:
-                    yield text[emitted:]
-                emitted = len(text)
                 stopped = True
                 break
-            # hold back a possible partial stop string and incomplete UTF-8
-            safe = len(text) - max((len(s) for s in eng.stop), default=0)
-            if safe > emitted and not _partial_utf8(answer):
+            safe = len(text) - _stop_prefix_len(text, eng.stop)  # a tail that may begin a stop string waits
+            if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
             n1 = time.perf_counter()
             pos = llm.decode_tokens([tok], slot, pos)
             tok = llm.sample(temperature, rng)
             native += time.perf_counter() - n1
-        text = answer.decode("utf-8", errors="replace")
-        cut = _stop_at(text, eng.stop)
-        text = text if cut is None else text[:cut]
+        if not stopped or _stop_at(text, eng.stop) is None:
+            text += utf8.decode(b"", final=True)
         if len(text) > emitted:
             yield text[emitted:]
         t.decode_ms = (time.perf_counter() - t_dec) * 1e3
@@ -366,12 +362,12 @@ def _stop_at(text: str, stops: Sequence[str]) -> int | None:
     return min(idx) if idx else None
 
 
-def _partial_utf8(buf: bytearray) -> bool:
-    """True when `buf` ends inside a multi-byte UTF-8 character."""
-    for k in range(1, min(4, len(buf)) + 1):
-        b = buf[-k]
-        if b & 0xC0 == 0x80:
-            continue
-        need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
-        return need > k
-    return False
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
