@@ -99,6 +99,46 @@ def export(
 
 
 @app.command()
+def quantize(
+    bundle: Path = typer.Argument(..., help="bundle folder (variants are added to it in place, atomically)"),
+    llm: Optional[str] = typer.Option(None, "--llm", help="LLM types, comma-separated: q8_0,q6_k,q5_k_m,q4_k_m,q4_0,iq4_nl,..."),
+    vision: Optional[str] = typer.Option(None, "--vision", help="vision precisions, comma-separated: fp16,int8"),
+    coreml: bool = typer.Option(False, "--coreml", help="also Core ML int8 / 6-bit / 4-bit palettized vision packages"),
+    force: bool = typer.Option(False, "--force", help="rebuild variants that are already in the bundle"),
+    int8_method: str = typer.Option("auto", "--int8-method", help="auto (measure both, keep the better), static or dynamic"),
+    calib: int = typer.Option(32, "--calib", help="calibration images for static int8"),
+    threads: Optional[int] = typer.Option(None),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the quality report (json, md, png) to this folder"),
+    data: Optional[Path] = typer.Option(None, "--data", help="SpotWorld folder for calibration and the report (default: generated)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="torch checkpoint for KL (default: the manifest's)"),
+    limit: int = typer.Option(50, "--limit", help="test records in the report"),
+    sensitivity: bool = typer.Option(False, "--sensitivity", help="report: per-layer sensitivity (slow)"),
+    recommend: bool = typer.Option(True, "--recommend/--no-recommend", help="report: record `recommended` in the manifest"),
+) -> None:
+    """Add quantized LLM / vision variants to a bundle (llama.cpp, onnxruntime, coremltools) and/or write a
+    quality report (sizes, SPEC-6 accuracy, KL vs torch, cosine, latency) with a recommended default."""
+    if not (llm or vision or coreml or report):
+        raise InputError("nothing to do: give --llm / --vision / --coreml and/or --report DIR")
+    if llm or vision or coreml:
+        from chatspot_edge.quantize import quantize_bundle
+
+        summary = quantize_bundle(bundle, llm=llm, vision=vision, coreml=coreml, force=force, threads=threads,
+                                  int8_method=int8_method, data=data, calib=calib, log=typer.echo)
+        typer.echo(f"{bundle}: added {', '.join(summary['added']) or 'nothing'}"
+                   + (f"; skipped {', '.join(summary['skipped'])}" if summary["skipped"] else ""))
+    if report is not None:
+        from chatspot_edge.quantize import quality_report
+
+        r = quality_report(bundle, report, data=data, checkpoint=checkpoint, limit=limit, threads=threads,
+                           sensitivity=sensitivity, recommend=recommend, log=typer.echo)
+        for t in r["targets"]:
+            mark = "-" if t["pass"] is None else ("ok" if t["pass"] else f"MISSED by {t['missed_by']:.4g}")
+            value = "-" if t["value"] is None else f"{t['value']:.4g}"
+            typer.echo(f"  {t['name']}: {value} ({t['target']}) {mark}")
+        typer.echo(f"recommended: {r['recommended']['llm']} + {r['recommended']['vision']}")
+
+
+@app.command()
 def inspect(bundle: Path = typer.Argument(...)) -> None:
     """Print a bundle's manifest and verify every checksum (exit 2 on a mismatch)."""
     import json
@@ -160,6 +200,11 @@ def pipeline(
     from chatspot_edge.pipeline import run_pipeline
 
     run_pipeline(preset=preset, out=out, minutes=minutes, n_train=n_train, n_test=n_test)
+
+
+from chatspot_edge.benchmarks.cli import bench_app  # noqa: E402 - typer only; the benchmark loads lazily
+
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:

@@ -104,13 +104,15 @@ def read_manifest(bundle: str | Path) -> dict[str, Any]:
     _require(bundle, m["image"], "image", {"height": int, "width": int, "resize": str, "tokens": int})
     if min(m["image"]["height"], m["image"]["width"], m["image"]["tokens"]) <= 0:
         raise _fail(bundle, "manifest `image` sizes must be positive")
-    llms = [m["llm"]] + list(m.get("llm_variants") or [])
-    for i, e in enumerate(llms):
-        _require(bundle, e, "llm" if i == 0 else f"llm_variants[{i - 1}]",
-                 {"file": str, "quant": str, "n_embd": int, "n_ctx": int})
-    visions = [m["vision"]] + list(m.get("vision_variants") or [])
-    for i, e in enumerate(visions):
-        _require(bundle, e, "vision" if i == 0 else f"vision_variants[{i - 1}]", {"file": str, "precision": str})
+    # variants: one entry per variant, keyed by its name ({"Q4_K_M": {...}, ...})
+    for key, fields in (("llm", {"file": str, "quant": str, "n_embd": int, "n_ctx": int}),
+                        ("vision", {"file": str, "precision": str})):
+        _require(bundle, m[key], key, fields)
+        variants = m.get(f"{key}_variants") or {}
+        if not isinstance(variants, dict):
+            raise _fail(bundle, f"manifest `{key}_variants` must map variant names to entries")
+        for name, e in variants.items():
+            _require(bundle, e, f"{key}_variants[{name}]", fields)
     _require(bundle, m["prompt"], "prompt", {"system": str, "template": str, "stop": list})
     for key in ("{image}", "{question}"):
         if key not in m["prompt"]["template"]:

@@ -105,9 +105,11 @@ class ChatSpotModel(nn.Module):
         box_batch: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        per_sample: bool = False,
     ) -> ChatSpotOutput:
         """With `labels`: the loss over answer tokens only, logits computed at those positions alone (the
-        49k-way softmax over prompt positions is most of the cost otherwise). Without: full logits."""
+        49k-way softmax over prompt positions is most of the cost otherwise), averaged over tokens or, with
+        `per_sample`, first within each sample. Without labels: full logits."""
         if image_embeds is None and pixels is not None:
             image_embeds = self.encode_image(pixels)
         emb = self.embed(input_ids, image_embeds, boxes, box_batch)
@@ -117,7 +119,14 @@ class ChatSpotModel(nn.Module):
         targets = labels[:, 1:]
         select = targets != IGNORE_INDEX
         logits = self.llm.lm_head(hidden[:, :-1][select])
-        loss = F.cross_entropy(logits.float(), targets[select])
+        token_loss = F.cross_entropy(logits.float(), targets[select], reduction="none")
+        if per_sample:  # every sample weighs the same, however long its answer (a grounding box is ~25 tokens)
+            sample = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[select]
+            counts = torch.bincount(sample, minlength=targets.shape[0]).clamp(min=1)
+            per = torch.zeros(targets.shape[0], device=targets.device).index_add_(0, sample, token_loss) / counts
+            loss = per[select.any(1)].mean()
+        else:
+            loss = token_loss.mean()
         return ChatSpotOutput(loss=loss, logits=logits, n_targets=int(select.sum()))
 
     # -- greedy generation ----------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ class AdaptOptions:
     region_token: bool = True
     warmup: float = 0.05  # fraction of stage-2 steps
     max_tokens: int = 320  # longer samples are truncated (answers are short)
+    per_sample_loss: bool = True  # average the loss within each sample first (tasks weigh alike)
     init: Path | None = None  # start from an existing checkpoint instead of the preset
     quiet: bool = False
 
@@ -300,7 +301,7 @@ def adapt(opts: AdaptOptions) -> dict:
             sync = contextlib.nullcontext() if (last or not distributed) else fwd.no_sync()
             with sync:
                 with autocast:
-                    out = fwd(features, **batch)
+                    out = fwd(features, per_sample=opts.per_sample_loss, **batch)
                 (out.loss / opts.grad_accum).backward()
             total_loss += float(out.loss.detach()) / opts.grad_accum
             n_tok += int(batch["attention_mask"].sum())

@@ -1,0 +1,374 @@
+"""`chatspot-edge bench BUNDLE`: latency, memory and size of every variant of a bundle (SPEC section 7).
+
+    result = run_bench("bundle/", "bench.json", variants=None, threads=(2,), repeats=5)
+    print(format_table(result))
+
+Each (LLM variant, vision variant, thread count) runs in a fresh subprocess (`benchmarks/worker.py`) so its
+peak RSS, page cache use and thread pools are its own. Every timing is the median of `repeats` runs after
+a warm-up, with min / max / p10 / p90 beside it (`<key>_stats`). The machine, its memory bandwidth and matmul
+rate, and per-variant roofline bounds (`benchmarks/limits.py`) are recorded too. The JSON is written
+atomically, once at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from chatspot_edge.errors import InputError
+
+DEFAULT_REPEATS = 5
+WORKER_TIMEOUT_S = 3600
+QUANTIZED_PREFIXES = ("Q", "IQ", "TQ")
+
+
+# -- variants -------------------------------------------------------------------------------------------------
+
+
+def _entries(manifest: dict, key: str, default_key: str, tag: str) -> list[tuple[str, dict, bool]]:
+    """[(name, entry, is_default)] for the default entry and every `<key>` variant (dict or list form)."""
+    default = manifest[default_key]
+    out = [(str(default.get(tag) or "default"), default, True)]
+    extra = manifest.get(key) or {}
+    items = extra.items() if isinstance(extra, dict) else ((None, e) for e in extra)
+    for k, e in items:
+        if not isinstance(e, dict):
+            continue
+        name = str(e.get(tag) or k)
+        if e.get("file") == default.get("file") or any(name.lower() == n.lower() for n, _, _ in out):
+            continue
+        out.append((name, e, False))
+    return out
+
+
+def _find(entries: list[tuple[str, dict, bool]], name: str, what: str) -> tuple[str, dict, bool]:
+    for e in entries:
+        if name.lower() in (e[0].lower(), "default" if e[2] else "\0"):
+            return e
+    raise InputError(f"bundle has no {what} variant {name!r} (has: {', '.join(n for n, _, _ in entries)})")
+
+
+def resolve_variants(manifest: dict, spec: str | Sequence[str] | None) -> list[dict[str, Any]]:
+    """The variants to run: `spec` "LLM[:VISION],..." (names are quant / precision tags, or "default"), or by
+    default the default pair plus every LLM variant x (default vision, int8 vision where present)."""
+    llms = _entries(manifest, "llm_variants", "llm", "quant")
+    visions = _entries(manifest, "vision_variants", "vision", "precision")
+    pairs: list[tuple[tuple, tuple]] = []
+    if spec:
+        items = spec.split(",") if isinstance(spec, str) else list(spec)
+        for item in (i.strip() for i in items):
+            if not item:
+                continue
+            llm_name, _, vis_name = item.partition(":")
+            pairs.append((_find(llms, llm_name or "default", "LLM"), _find(visions, vis_name or "default", "vision")))
+        if not pairs:
+            raise InputError(f"--variants {spec!r}: no variant named")
+    else:
+        vis_choice = [visions[0]] + [v for v in visions[1:] if v[0].lower() == "int8"]
+        pairs = [(l, v) for l in llms for v in vis_choice]
+    seen, out = set(), []
+    for (ln, le, ld), (vn, ve, vd) in pairs:
+        if (ln, vn) in seen:
+            continue
+        seen.add((ln, vn))
+        out.append({"llm": str(le.get("quant") or ln), "vision": str(ve.get("precision") or vn),
+                    "llm_arg": None if ld else ln, "vision_arg": None if vd else vn,
+                    "llm_file": le["file"], "vision_file": ve["file"], "default": ld and vd})
+    return out
+
+
+def variant_files(manifest: dict, variant: dict) -> dict[str, int]:
+    """{file: bytes} of what this variant needs on the device: its GGUF, its vision graph (with external
+    data), the region graph when the model has one, and the manifest."""
+    files = manifest.get("files", {})
+    names = [variant["llm_file"], variant["vision_file"]]
+    if manifest.get("referring", {}).get("region_token") and manifest["referring"].get("graph"):
+        names.append(manifest["referring"]["graph"])
+    out: dict[str, int] = {}
+    for name in names:
+        for f, e in files.items():
+            if f == name or f.startswith(name + ".") or f.startswith(name.rstrip("/") + "/"):
+                out[f] = int(e["bytes"])
+    out["manifest.json"] = int(manifest.get("_manifest_bytes", 0))
+    return out
+
+
+# -- statistics -----------------------------------------------------------------------------------------------
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def stats(xs: Iterable[float]) -> dict[str, float] | None:
+    xs = [float(x) for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"p50": statistics.median(xs), "p10": _quantile(xs, 0.1), "p90": _quantile(xs, 0.9), "min": min(xs),
+            "max": max(xs), "n": len(xs)}
+
+
+def _median(xs) -> float | None:
+    s = stats(xs or [])
+    return s["p50"] if s else None
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """Worker measurements -> the SPEC-7 variant keys (medians) plus `<key>_stats` and the breakdown."""
+    out: dict[str, Any] = {}
+    timed = {
+        "vision_ms": "vision_ms", "ttft_cold_ms": "ttft_cold_ms", "ttft_followup_ms": "ttft_followup_ms",
+        "decode_tok_s": "decode_tok_s", "raw_llama_decode_tok_s": "raw_llama_decode_tok_s", "load_ms": "load_ms",
+        "suite_ms": "suite_ms", "preprocess_ms": "preprocess_ms", "cold_prefill_ms": "cold_prefill_ms",
+        "cold_vision_ms": "cold_vision_ms", "cold_overhead_ms": "cold_overhead_ms",
+        "followup_prefill_ms": "followup_prefill_ms", "raw_llama_prefill_tok_s": "raw_llama_prefill_tok_s",
+    }
+    for key, src in timed.items():
+        s = stats(raw.get(src) or [])
+        out[key] = s["p50"] if s else None
+        out[f"{key}_stats"] = s
+    pre = [n / (ms / 1e3) for n, ms in zip(raw.get("n_prompt_cold", []), raw.get("cold_prefill_ms", [])) if ms > 0]
+    s = stats(pre)
+    out["prefill_tok_s"] = s["p50"] if s else None
+    out["prefill_tok_s_stats"] = s
+    fol = [n / (ms / 1e3) for n, ms in zip(raw.get("n_prompt_followup", []), raw.get("followup_prefill_ms", [])) if ms > 0]
+    out["followup_prefill_tok_s"] = _median(fol)
+    out["n_prompt_cold"] = _median(raw.get("n_prompt_cold"))
+    out["n_prompt_followup"] = _median(raw.get("n_prompt_followup"))
+    out["peak_rss_mb"] = raw.get("peak_rss_mb")
+    for k in ("load_first_ms", "rss_mb_end", "peak_rss_mb_with_raw", "decode_source", "decode_context",
+              "suite_questions", "suite_answers_sample", "extra_bufts", "n_ctx", "raw_llama_tokens",
+              "worker_seconds"):
+        if k in raw:
+            out[k] = raw[k]
+    out["suite_tokens"] = _median(raw.get("suite_tokens"))
+    if out.get("decode_tok_s") and out.get("raw_llama_decode_tok_s"):
+        out["decode_vs_raw"] = out["decode_tok_s"] / out["raw_llama_decode_tok_s"]
+    if any(raw.get("cold_image_cached") or []):
+        out["warning"] = "an image embedding came from the cache during a cold measurement"
+    return out
+
+
+# -- the run --------------------------------------------------------------------------------------------------
+
+
+def _run_worker(job: dict, log: Callable[[str], None]) -> dict:
+    with tempfile.TemporaryDirectory(prefix="chatspot-bench-") as d:
+        job = dict(job, out=str(Path(d) / "result.json"))
+        (Path(d) / "job.json").write_text(json.dumps(job))
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        proc = subprocess.run([sys.executable, "-m", "chatspot_edge.benchmarks.worker", str(Path(d) / "job.json")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              timeout=WORKER_TIMEOUT_S)
+        for line in proc.stderr.splitlines():
+            if line.startswith("bench ["):
+                log(line[6:])
+        out = Path(job["out"])
+        if proc.returncode != 0 or not out.is_file():
+            tail = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1:] or [f"exit code {proc.returncode}"]
+            raise RuntimeError(f"worker failed (exit {proc.returncode}): {tail[0][:300]}")
+        return json.loads(out.read_text())
+
+
+def _threads(threads: int | str | Sequence[int] | None) -> tuple[int, ...]:
+    if threads is None:
+        from chatspot_edge.benchmarks.machine import cpu_count
+
+        return (cpu_count(),)
+    if isinstance(threads, int):
+        return (threads,)
+    if isinstance(threads, str):
+        try:
+            vals = tuple(int(t) for t in threads.split(",") if t.strip())
+        except ValueError:
+            raise InputError(f"--threads {threads!r}: comma-separated positive integers, e.g. 1,2,4") from None
+    else:
+        vals = tuple(int(t) for t in threads)
+    if not vals or min(vals) < 1:
+        raise InputError(f"--threads {threads!r}: comma-separated positive integers, e.g. 1,2,4")
+    return vals
+
+
+def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | Sequence[str] | None = None,
+              threads: int | str | Sequence[int] | None = (2,), repeats: int = DEFAULT_REPEATS,
+              reference: str | Path | None = None, device: str = "cpu",
+              reference_random_like: str | Path | None = None, max_tokens: int = 24, raw_tokens: int = 32,
+              reference_tokens: int = 32, label: str | None = None, measure_machine: bool = True,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Benchmark every requested variant of `bundle`; writes `out_json` (atomically) and returns the result.
+
+    variants: "LLM[:VISION],..." or a list of such (default: see `resolve_variants`); threads: thread counts
+    (each variant runs at each); reference / reference_random_like: a checkpoint timed in PyTorch on `device`
+    (the latter with random weights of its shapes). Raises InputError on bad input (a broken bundle, an
+    unknown variant). A variant whose worker fails is kept with an `error` key and null figures."""
+    from chatspot_edge.export.manifest import verify_bundle
+    from chatspot_edge.files import atomic_write_text
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    bundle = Path(bundle)
+    if repeats < 1:
+        raise InputError(f"--repeats {repeats}: must be at least 1")
+    if reference and reference_random_like:
+        raise InputError("give --reference or --reference-random-like, not both")
+    ref_ckpt = Path(reference or reference_random_like) if (reference or reference_random_like) else None
+    if ref_ckpt is not None and not (ref_ckpt / "config.json").is_file():
+        raise InputError(f"{ref_ckpt}: not a checkpoint (no config.json)")
+    if device not in ("cpu", "cuda", "auto"):
+        raise InputError(f"--device {device!r}: cpu, cuda or auto")
+    thread_list = _threads(threads)
+    t0 = time.perf_counter()
+    manifest = verify_bundle(bundle)  # before any output: a bad bundle is one line on stderr
+    manifest["_manifest_bytes"] = (bundle / "manifest.json").stat().st_size
+    plan = resolve_variants(manifest, variants)
+
+    from chatspot_edge.benchmarks.limits import gguf_stats, onnx_flops, variant_limits
+    from chatspot_edge.benchmarks.machine import machine_info, measure_rates
+
+    machine = machine_info(label)
+    if measure_machine:
+        log("bench: measuring memory bandwidth and matmul rate")
+        machine["rates"] = measure_rates(thread_list)
+    rates = machine.get("rates") or {}
+    gstats: dict[str, dict] = {}
+    vflops: dict[str, float | None] = {}
+    results: list[dict[str, Any]] = []
+    for v in plan:
+        if v["llm_file"] not in gstats:
+            gstats[v["llm_file"]] = gguf_stats(bundle / v["llm_file"])
+        if v["vision_file"] not in vflops:
+            try:
+                vflops[v["vision_file"]] = onnx_flops(bundle / v["vision_file"])["flops"] or None
+            except Exception:  # noqa: BLE001 - the bound is an extra; a graph onnx cannot parse has none
+                vflops[v["vision_file"]] = None
+        files = variant_files(manifest, v)
+        for t in thread_list:
+            log(f"bench: {v['llm']} + vision {v['vision']}, {t} thread{'s' if t > 1 else ''}")
+            job = {"bundle": str(bundle.resolve()), "llm": v["llm_arg"], "vision": v["vision_arg"], "threads": t,
+                   "repeats": repeats, "max_tokens": max_tokens, "raw_tokens": raw_tokens,
+                   "llm_file": v["llm_file"], "quantized": v["llm"].upper().startswith(QUANTIZED_PREFIXES)}
+            entry: dict[str, Any] = {"llm": v["llm"], "vision": v["vision"], "threads": t}
+            try:
+                raw = _run_worker(job, log)
+                summary = summarize(raw)
+                err = None
+            except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as e:
+                summary, err = {}, str(e)
+                log(f"bench: {v['llm']}:{v['vision']} x{t} failed: {err}")
+            entry.update({k: summary.get(k) for k in ("vision_ms", "ttft_cold_ms", "ttft_followup_ms", "prefill_tok_s",
+                                                      "decode_tok_s", "raw_llama_decode_tok_s", "peak_rss_mb",
+                                                      "load_ms")})
+            entry["bytes"] = sum(files.values())
+            entry.update({k: val for k, val in summary.items() if k not in entry})
+            entry["files"] = files
+            entry["default"] = v["default"]
+            if err:
+                entry["error"] = err
+            else:
+                entry["limits"] = variant_limits(gstats[v["llm_file"]], vflops[v["vision_file"]], rates, t, entry)
+            results.append(entry)
+    ref = None
+    if ref_ckpt is not None:
+        ref = _reference(ref_ckpt, bool(reference_random_like), device, results, manifest, reference_tokens,
+                         repeats, max(thread_list), log)
+    result = {
+        "machine": machine,
+        "bundle": _bundle_info(bundle, manifest, gstats),
+        "variants": results,
+        "reference": ref,
+        "settings": {"repeats": repeats, "threads": list(thread_list), "max_tokens": max_tokens,
+                     "raw_llama_tokens": raw_tokens, "statistic": "median after one warm-up; spreads in *_stats"},
+        "seconds": round(time.perf_counter() - t0, 1),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if out_json is not None:
+        atomic_write_text(out_json, json.dumps(result, indent=2, default=_json_default) + "\n")
+    return result
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def _bundle_info(bundle: Path, manifest: dict, gstats: dict) -> dict[str, Any]:
+    model = manifest.get("model", {})
+    return {"path": str(bundle.resolve()), "name": model.get("name"), "preset": model.get("preset"),
+            "parameters": model.get("parameters"), "image": manifest.get("image"),
+            "weights": "random-like" if (model.get("provenance", {}).get("training") or {}).get("pretrained") is False
+            else None,
+            "gguf": {f: {k: v for k, v in s.items() if k != "tensor_bytes_by_type"} | {"by_type": s["tensor_bytes_by_type"]}
+                     for f, s in gstats.items()}}
+
+
+def _reference(ckpt: Path, random_like: bool, device: str, results: list, manifest: dict, new_tokens: int,
+               repeats: int, threads: int, log) -> dict[str, Any]:
+    from chatspot_edge.benchmarks.reference import bench_reference, load_reference
+
+    n_image = int(manifest["image"]["tokens"])
+    n_prompt = next((r.get("n_prompt_cold") for r in results if r.get("n_prompt_cold")), None)
+    n_text = int(n_prompt - n_image) if n_prompt else 40
+    log(f"bench: PyTorch reference on {device} ({'random-like weights' if random_like else 'checkpoint weights'})")
+    model, info = load_reference(ckpt, random_like)
+    return bench_reference(model, device=device, n_text=max(n_text, 2), new_tokens=new_tokens, repeats=repeats,
+                           threads=threads if device == "cpu" else None, info=info, log=log)
+
+
+# -- table ----------------------------------------------------------------------------------------------------
+
+
+def _f(v, digits=1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+TABLE_HEADER = ("| machine | LLM | vision | thr | MB | load ms | vision ms | TTFT cold ms | TTFT follow-up ms "
+                "| prefill tok/s | decode tok/s | raw llama tok/s | runtime/raw | peak RSS MB | decode % of bound |")
+
+
+def variant_row(machine: str, v: dict[str, Any]) -> str:
+    lim = v.get("limits") or {}
+    ratio = v.get("decode_vs_raw")
+    frac = lim.get("decode_tok_s_fraction")
+    cells = [machine, v.get("llm"), v.get("vision"), str(v.get("threads", "")), _f((v.get("bytes") or 0) / 1e6),
+             _f(v.get("load_ms"), 0), _f(v.get("vision_ms")), _f(v.get("ttft_cold_ms")), _f(v.get("ttft_followup_ms")),
+             _f(v.get("prefill_tok_s"), 0), _f(v.get("decode_tok_s")), _f(v.get("raw_llama_decode_tok_s")),
+             "-" if ratio is None else f"{ratio:.0%}", _f(v.get("peak_rss_mb"), 0),
+             "-" if frac is None else f"{frac:.0%}"]
+    if v.get("error"):
+        cells[6] = f"failed: {v['error'][:60]}"
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def reference_row(machine: str, ref: dict[str, Any]) -> str:
+    return (f"| {machine} | PyTorch {ref.get('device')} {ref.get('dtype')} ({ref.get('path', 'eager')}"
+            f"{', random-like' if ref.get('weights') == 'random-like' else ''}) | vision {_f(ref.get('vision_ms'), 2)} ms "
+            f"| TTFT {_f(ref.get('ttft_ms'), 2)} ms | decode {_f(ref.get('decode_tok_s'))} tok/s |")
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A Markdown table of one benchmark result (the variants, then the reference)."""
+    m = (result.get("machine") or {}).get("label") or "this machine"
+    lines = [TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"]
+    lines += [variant_row(m, v) for v in result.get("variants") or []]
+    ref = result.get("reference")
+    if ref:
+        lines += ["", "| machine | reference | vision | TTFT | decode |", "|---|---|---|---|---|", reference_row(m, ref)]
+    return "\n".join(lines)

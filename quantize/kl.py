@@ -1,0 +1,174 @@
+"""Next-token KL divergence of a bundle's LLM (+ vision) variant against the full-precision torch model.
+
+Teacher forcing on evaluation records: the prompt (system + image + question, exactly as training encodes
+it) followed by the dataset's reference answer. At every position that predicts an answer token (and the
+turn end) the torch model's next-token distribution P and llama.cpp's Q are compared:
+KL(P || Q) = sum_v P(v) (log P(v) - log Q(v)), and top-1 agreement argmax P == argmax Q.
+
+Both sides see the same token ids (the Processor's). The llama.cpp side gets its image / region embeddings
+from the bundle's ONNX graphs (the vision variant under test, and `region.onnx`), so a combination's KL
+measures the whole on-device chain; with the F32 GGUF and the fp32 graph it is ~0. llama.cpp runs with an
+F32 KV cache and flash attention off (`export.llama_check.LlamaCheck`), so the numbers measure the weights'
+quantization, not the runtime's F16 KV cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from chatspot_edge.export.llama_check import LlamaCheck, split_segments
+
+
+@dataclass
+class Example:
+    ids: list[int]  # full sequence (image ids expanded, `<region>` after each `</box>` when enabled)
+    targets: list[int]  # positions t whose next-token distribution predicts ids[t + 1] (answer tokens)
+    pixels: np.ndarray  # uint8 [H, W, 3], resized
+    boxes: list[tuple[float, float, float, float]]  # normalized, in `<region>` order
+
+
+def build_examples(records: Sequence[dict], load: Callable[[dict], object], processor, size: tuple[int, int],
+                   resize: str = "bicubic") -> list[Example]:
+    from chatspot_edge.model.chatspot import IGNORE_INDEX
+    from chatspot_edge.model.preprocess import resize_pixels
+
+    out = []
+    for rec in records:
+        conv = rec["conversations"][:2]
+        if len(conv) < 2:
+            continue
+        enc = processor.encode_conversation(conv)
+        targets = [t for t in range(len(enc.ids) - 1) if enc.labels[t + 1] != IGNORE_INDEX]
+        if not targets:
+            continue
+        out.append(Example(list(enc.ids), targets, resize_pixels(load(rec), size, resize), list(enc.boxes)))
+    return out
+
+
+def torch_logprobs(model, examples: Sequence[Example]) -> list[np.ndarray]:
+    """Log-probabilities `[len(targets), V]` (float32) of the torch model at each example's target positions."""
+    import torch
+
+    out = []
+    model = model.float().eval()
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor([ex.ids])
+            px = torch.from_numpy(np.array(ex.pixels))[None]
+            boxes = torch.tensor(ex.boxes, dtype=torch.float32).reshape(-1, 4) if ex.boxes else None
+            box_batch = torch.zeros(len(ex.boxes), dtype=torch.long) if ex.boxes else None
+            image_embeds = model.encode_image(px)
+            emb = model.embed(ids, image_embeds, boxes, box_batch)
+            hidden = model.llm.model(inputs_embeds=emb).last_hidden_state[0, ex.targets]
+            logits = model.llm.lm_head(hidden).double()
+            out.append(torch.log_softmax(logits, -1).float().numpy())
+    return out
+
+
+class Embedder:
+    """The bundle's ONNX vision variant + region graph: image / region embeddings for llama.cpp."""
+
+    def __init__(self, vision_path: Path, region_path: Path | None, threads: int = 2):
+        from chatspot_edge.quantize.vision import session
+        from chatspot_edge.runtime.vision import OnnxRegion
+
+        self.vision = session(vision_path, threads)
+        self.region = OnnxRegion(region_path, threads=threads) if region_path is not None else None
+
+    def __call__(self, ex: Example) -> tuple[np.ndarray, np.ndarray | None]:
+        name, out = self.vision.get_inputs()[0].name, self.vision.get_outputs()[0].name
+        img = self.vision.run([out], {name: ex.pixels[None]})[0]
+        reg = None
+        if self.region is not None and ex.boxes:
+            reg = self.region(img, np.asarray(ex.boxes, dtype=np.float32))
+        return img[0].astype(np.float32), reg
+
+
+class LlamaScorer(LlamaCheck):
+    """LlamaCheck (F32 KV, no flash attention) that returns logits only at the requested positions."""
+
+    def logits_at(self, segments, positions: Sequence[int]) -> np.ndarray:
+        lc = self.lc
+        want = set(int(p) for p in positions)
+        self.reset()
+        rows: dict[int, np.ndarray] = {}
+        for seg in segments:
+            is_embd = isinstance(seg, np.ndarray) and seg.ndim == 2
+            for a in range(0, len(seg), self.n_batch):
+                part = seg[a:a + self.n_batch]
+                n = len(part)
+                batch = lc.llama_batch_init(n, self.n_embd if is_embd else 0, 1)
+                try:
+                    if is_embd:
+                        rows_f = np.ascontiguousarray(part, dtype=np.float32)
+                        ctypes.memmove(batch.embd, rows_f.ctypes.data, rows_f.nbytes)
+                    else:
+                        for i, t in enumerate(part):
+                            batch.token[i] = int(t)
+                    flagged = []
+                    for i in range(n):
+                        pos = self.n_past + i
+                        batch.pos[i] = pos
+                        batch.n_seq_id[i] = 1
+                        batch.seq_id[i][0] = 0
+                        batch.logits[i] = 1 if pos in want else 0
+                        if pos in want:
+                            flagged.append((i, pos))
+                    batch.n_tokens = n
+                    rc = lc.llama_decode(self.ctx, batch)
+                    if rc != 0:
+                        raise RuntimeError(f"llama_decode returned {rc}")
+                    for i, pos in flagged:
+                        ptr = lc.llama_get_logits_ith(self.ctx, i)
+                        rows[pos] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+                    self.n_past += n
+                finally:
+                    lc.llama_batch_free(batch)
+        return np.stack([rows[int(p)] for p in positions])
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def kl_stats(reference: Sequence[np.ndarray], logits: Sequence[np.ndarray]) -> dict[str, float]:
+    """KL(P_ref || Q) per position (P from reference log-probs, Q from raw logits): mean, p99, max, and top-1
+    agreement, over all positions of all examples."""
+    kls, agree = [], []
+    for lp, z in zip(reference, logits):
+        lp = lp.astype(np.float64)
+        lq = _log_softmax(z)
+        kls.append(np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0))
+        agree.append(lp.argmax(-1) == lq.argmax(-1))
+    k = np.concatenate(kls) if kls else np.zeros(0)
+    a = np.concatenate(agree) if agree else np.zeros(0, bool)
+    if k.size == 0:
+        return {"kl_mean": None, "kl_p99": None, "kl_max": None, "top1": None, "n_positions": 0}
+    return {"kl_mean": float(k.mean()), "kl_p99": float(np.percentile(k, 99)), "kl_max": float(k.max()),
+            "top1": float(a.mean()), "n_positions": int(k.size)}
+
+
+def llama_logits(gguf: Path, examples: Sequence[Example], embeds: Sequence[tuple[np.ndarray, np.ndarray | None]],
+                 image_token_id: int, region_token_id: int | None, threads: int = 2) -> list[np.ndarray]:
+    """llama.cpp logits at each example's target positions, image / region embeddings injected."""
+    n_ctx = max(64, max(len(e.ids) for e in examples) + 8)
+    out = []
+    with LlamaScorer(gguf, n_ctx=n_ctx, n_batch=512, n_threads=threads) as llm:
+        for ex, (img, reg) in zip(examples, embeds):
+            replace = {image_token_id: img}
+            if region_token_id is not None and reg is not None and len(reg):
+                replace[region_token_id] = reg
+            out.append(llm.logits_at(split_segments(ex.ids, replace), ex.targets))
+    return out
+
+
+def variant_kl(gguf: Path, examples, embeds, reference, image_token_id: int, region_token_id: int | None,
+               threads: int = 2) -> dict[str, float]:
+    return kl_stats(reference, llama_logits(gguf, examples, embeds, image_token_id, region_token_id, threads))

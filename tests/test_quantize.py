@@ -1,0 +1,230 @@
+"""Quantize stage: variants in the manifest with checksums, atomic and idempotent updates, fallback report,
+KL against torch, and the quality report (tiny preset)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chatspot_edge.errors import BundleError, InputError
+from chatspot_edge.export import export_bundle, verify_bundle
+from chatspot_edge.files import file_sha256
+from chatspot_edge.model.checkpoint import save_checkpoint
+from chatspot_edge.model.presets import build_preset
+from chatspot_edge.quantize import quality_report, quantize_bundle
+from chatspot_edge.quantize import variants as variants_mod
+from chatspot_edge.quantize.llm import gguf_summary, quantize_gguf
+from chatspot_edge.runtime import Engine
+
+FAST = dict(calib=4, n_eval_images=4, timing_runs=2, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("q")
+    model, tok = build_preset("tiny")
+    ckpt = save_checkpoint(model, tok, d / "ck")
+    return export_bundle(ckpt, d / "exported", llm_dtype="f32")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _snapshot(bundle: Path) -> dict[str, str]:
+    return {p.relative_to(bundle).as_posix(): file_sha256(p) for p in sorted(bundle.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def quantized(exported, tmp_path_factory):
+    b = _copy(exported, tmp_path_factory.mktemp("qb") / "bundle")
+    summary = quantize_bundle(b, llm="q8_0,q4_0", vision="fp16,int8", **FAST)
+    return b, summary
+
+
+def test_variants_in_manifest(quantized):
+    b, summary = quantized
+    m = verify_bundle(b)
+    assert set(m["llm_variants"]) == {"Q8_0", "Q4_0"} and set(m["vision_variants"]) == {"fp16", "int8"}
+    assert sorted(summary["added"]) == sorted(["Q8_0", "Q4_0", "fp16", "int8"])
+    for key, e in m["llm_variants"].items():
+        assert e["quant"] == key and e["file"] == f"llm-{key.lower()}.gguf"
+        assert e["n_embd"] == m["llm"]["n_embd"] and e["n_ctx"] == m["llm"]["n_ctx"]
+        assert e["bytes"] == m["files"][e["file"]]["bytes"] < m["files"][m["llm"]["file"]]["bytes"]
+        assert 4 < e["bits_per_weight"] < 9
+        assert isinstance(e["fallback_tensors"], dict)
+    assert m["llm_variants"]["Q4_0"]["bits_per_weight"] < m["llm_variants"]["Q8_0"]["bits_per_weight"]
+    for key, e in m["vision_variants"].items():
+        assert e["precision"] == key and e["file"] in m["files"] and e["cosine_mean"] > 0.99
+    assert m["vision_variants"]["int8"]["method"] in ("static-qdq-per-channel", "dynamic")
+    assert set(m["vision_variants"]["int8"]["candidates"]) == {"static-qdq-per-channel", "dynamic"}
+    # the defaults stay full precision
+    assert m["llm"]["quant"] == "F32" and m["vision"]["precision"] == "fp32" and m["vision"]["file"] == "vision.onnx"
+    fb = m["llm_variants"]["Q4_0"]["fallback_tensors"]  # tied embedding / output: llama.cpp gives it more bits
+    assert all(isinstance(v, str) and v != "Q4_0" for v in fb.values())
+    assert set(fb) == set(summary["fallbacks"]["Q4_0"])
+
+
+def test_engine_loads_variants_and_answers(quantized):
+    from chatspot_edge.runtime.engine import _variant
+
+    b, _ = quantized
+    m = verify_bundle(b)
+    assert _variant(m["llm_variants"], m["llm"], None, "LLM") is m["llm"]  # no args: the default entry
+    assert _variant(m["llm_variants"], m["llm"], "q8_0", "LLM")["file"] == "llm-q8_0.gguf"
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    for llm, vision in (("Q8_0", "int8"), ("Q4_0", "fp16")):
+        engine = Engine.load(b, threads=2, llm=llm, vision=vision)
+        try:
+            answer = engine.session(img).ask("What is this?", box=(2, 2, 30, 30), max_tokens=4, stream=False)
+            assert isinstance(answer, str)
+        finally:
+            engine.close()
+
+
+def test_tampering_detected(quantized, tmp_path):
+    b = _copy(quantized[0], tmp_path / "t")
+    p = b / "llm-q4_0.gguf"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 1
+    p.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        verify_bundle(b)
+    b2 = _copy(quantized[0], tmp_path / "t2")
+    (b2 / "vision-int8.onnx").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        verify_bundle(b2)
+
+
+def test_rerun_is_noop_and_force_rebuilds(quantized, tmp_path):
+    b = _copy(quantized[0], tmp_path / "r")
+    before = _snapshot(b)
+    ino = b.stat().st_ino
+    s = quantize_bundle(b, llm="Q8_0,q4_0", vision="int8,fp16", **FAST)
+    assert s["added"] == [] and sorted(s["skipped"]) == sorted(["Q8_0", "Q4_0", "int8", "fp16"])
+    assert _snapshot(b) == before and b.stat().st_ino == ino  # not even swapped
+    s = quantize_bundle(b, llm="q4_0", force=True, **FAST)
+    assert s["added"] == ["Q4_0"]
+    m = verify_bundle(b)
+    assert set(m["llm_variants"]) == {"Q8_0", "Q4_0"} and set(m["vision_variants"]) == {"fp16", "int8"}
+    assert _snapshot(quantized[0])["manifest.json"] == before["manifest.json"]  # hard links did not leak
+
+
+@pytest.mark.parametrize("where", ["vision", "llm"])
+def test_interrupted_quantize_leaves_bundle_unchanged(exported, tmp_path, monkeypatch, where):
+    b = _copy(exported, tmp_path / "i" / "bundle")
+    before = _snapshot(b)
+    if where == "vision":  # after both LLM variants were written into the new folder
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(variants_mod, "to_fp16", interrupted)
+        exc = KeyboardInterrupt
+    else:  # the second LLM variant fails
+        calls = []
+
+        def flaky(src, dst, quant, threads=None, overrides=()):
+            calls.append(quant)
+            if len(calls) == 2:
+                Path(dst).write_bytes(b"half")
+                raise RuntimeError("simulated llama.cpp failure")
+            return quantize_gguf(src, dst, quant, threads, overrides)
+
+        monkeypatch.setattr(variants_mod, "quantize_gguf", flaky)
+        exc = RuntimeError
+    with pytest.raises(exc):
+        quantize_bundle(b, llm="q8_0,q4_0", vision="fp16", **FAST)
+    assert _snapshot(b) == before
+    verify_bundle(b)
+    assert sorted(p.name for p in b.parent.iterdir()) == ["bundle"]  # no temporary folders left
+
+
+def test_fallback_report(exported, tmp_path):
+    # hidden size 64: k-quants need rows of 256, so llama.cpp stores these tensors with other types
+    dst = tmp_path / "k.gguf"
+    quantize_gguf(exported / "llm-f32.gguf", dst, "Q4_K_M", threads=2)
+    s = gguf_summary(dst, "Q4_K_M")
+    fb = s["fallbacks"]
+    assert isinstance(fb, dict) and fb
+    assert "blk.0.attn_q.weight" in fb
+    for name, v in fb.items():
+        assert v["type"] != "Q4_K" and v["requested"] == "Q4_K"
+        assert "not a multiple" in v["reason"] and v["row"] % 256
+    assert "blk.0.attn_norm.weight" not in fb  # 1-D tensors are F32 by design, not fallbacks
+
+
+def test_bad_names_rejected(exported):
+    with pytest.raises(InputError, match="unknown LLM quantization"):
+        quantize_bundle(exported, llm="q9_9", **FAST)
+    with pytest.raises(InputError, match="unknown vision precision"):
+        quantize_bundle(exported, vision="int4", **FAST)
+    with pytest.raises(InputError, match="nothing to quantize"):
+        quantize_bundle(exported, **FAST)
+
+
+@pytest.fixture(scope="module")
+def report(quantized, tmp_path_factory):
+    b = _copy(quantized[0], tmp_path_factory.mktemp("rep") / "bundle")
+    out = b.parent / "report"
+    r = quality_report(b, out, limit=3, timing_runs=2, best=1, log=lambda s: None)
+    return b, out, r
+
+
+def test_report_files_and_keys(report):
+    b, out, r = report
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "pareto_size.png", "pareto_latency.png"}
+    for png in ("pareto_size.png", "pareto_latency.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    j = json.loads((out / "report.json").read_text())
+    assert {"llm", "vision", "combinations", "targets", "recommended", "kl_reference", "definitions"} <= set(j)
+    assert set(j["llm"]) == {"F32", "Q8_0", "Q4_0"} and set(j["vision"]) == {"fp32", "fp16", "int8"}
+    for v in j["llm"].values():
+        assert {"bytes", "bits_per_weight", "kl_mean", "kl_p99", "top1"} <= set(v)
+    combos = {(c["llm"], c["vision"]) for c in j["combinations"]}
+    assert {("F32", "fp32"), ("Q8_0", "fp32"), ("Q4_0", "fp32")} <= combos
+    assert any(v == "int8" for _, v in combos) and any(v == "fp16" for _, v in combos)
+    for c in j["combinations"]:
+        assert set(c["metrics"]) >= {"region_recognition", "point_qa", "hallucination"}
+        assert c["total_bytes"] == sum(c["files"].values()) and "region.onnx" in c["files"]
+    assert {t["name"] for t in j["targets"]} >= {"Q8_0 top-1 agreement", "int8 vision speedup vs fp32 ONNX"}
+    md = (out / "report.md").read_text()
+    assert "| variant |" in md and "Recommended default" in md
+
+
+def test_kl_against_torch(report):
+    _, _, r = report
+    assert r["llm"]["F32"]["kl_mean"] < 1e-4 and r["llm"]["F32"]["top1"] == 1.0
+    assert r["llm"]["Q4_0"]["kl_mean"] > 0 and r["llm"]["Q4_0"]["kl_mean"] > 10 * r["llm"]["F32"]["kl_mean"]
+    assert r["kl_reference"]["positions"] > 0
+
+
+def test_report_records_recommendation(report):
+    b, _, r = report
+    m = verify_bundle(b)
+    assert m["recommended"] == r["recommended"]
+    assert m["recommended"]["llm"] in ("F32", "Q8_0", "Q4_0") and m["recommended"]["vision"] in ("fp32", "fp16", "int8")
+    assert m["llm"]["quant"] == "F32" and m["vision"]["precision"] == "fp32"  # defaults untouched
+
+
+def test_report_refuses_foreign_folder(quantized, tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="not a quantization report"):
+        quality_report(quantized[0], tmp_path, limit=1, log=lambda s: None)
+
+
+def test_cli_errors(exported, monkeypatch, capsys):
+    from chatspot_edge import cli
+
+    for args, msg in ((["quantize", str(exported)], "nothing to do"),
+                      (["quantize", str(exported), "--llm", "q4_x"], "unknown LLM quantization")):
+        monkeypatch.setattr(sys, "argv", ["chatspot-edge", *args])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        assert e.value.code == 2 and msg in capsys.readouterr().err
