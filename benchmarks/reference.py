@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +36,7 @@ import torch
 
 from chatspot_edge.model.chatspot import ChatSpotModel
 from chatspot_edge.model.config import ChatSpotConfig, VisionConfig
+from chatspot_edge.model.presets import efficientnet_vision
 
 NO_VISION_ENV = "CHATSPOT_BENCH_NO_VISION"
 TEXT_ID_RANGE = (300, 20000)  # ordinary BPE ids, far from the special tokens
@@ -44,7 +46,7 @@ SMOL_TEXT = dict(vocab_size=49156, hidden_size=576, intermediate_size=1536, num_
                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
                  rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                  head_dim=64, hidden_act="silu", attention_bias=False, mlp_bias=False)
-SMOL_VISION = dict(kind="efficientnet_lite0", image_size=(224, 224), channels=112, stride=16, pool=2, grid=(7, 7))
+SMOL_VISION = asdict(efficientnet_vision(pool=2))  # the preset's own config: no GGUF or tokenizer needed
 TINY_TEXT = dict(vocab_size=49156, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)

@@ -1,7 +1,10 @@
-"""The whole pipeline end to end (what `make demo` runs): data -> adapt -> eval -> export -> ask -> table.
+"""The whole pipeline end to end (what `make demo` runs):
+
+data -> adapt -> eval (checkpoint) -> export -> ask through the runtime -> eval (bundle, parity) ->
+quantize + quality report -> benchmark table.
 
 Each step writes its output atomically and is skipped when that output already exists, so an interrupted
-`make demo` picks up where it stopped.
+`make demo` picks up where it stopped (training itself resumes from its last saved state).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ def _step(name: str) -> None:
 
 
 def run_pipeline(preset: str = "mini", out: Path = Path("runs/demo"), minutes: float | None = None,
-                 n_train: int = 10000, n_test: int = 1000, seed: int = 0) -> dict:
-    from chatspot_edge.data import generate, load_image, load_split
+                 n_train: int = 10000, n_test: int = 1000, seed: int = 0, quantize: bool = True,
+                 bench: bool = True) -> dict:
+    from chatspot_edge.data import generate, load_split
     from chatspot_edge.evaluation import evaluate_path
     from chatspot_edge.progress import task_progress
     from chatspot_edge.train.adapt import AdaptOptions, adapt
@@ -31,83 +35,136 @@ def run_pipeline(preset: str = "mini", out: Path = Path("runs/demo"), minutes: f
     data, ckpt, bundle = out / "spotworld", out / f"{preset}-ckpt", out / f"{preset}-bundle"
     timings: dict[str, float] = {}
 
-    _step(f"1. SpotWorld data: {n_train} train / {n_test} test")
-    t = time.perf_counter()
-    with task_progress("spotworld") as progress:
-        generate(data, seed=seed, n_train=n_train, n_test=n_test, progress=progress)
-    timings["data_s"] = time.perf_counter() - t
+    def timed(name: str, fn) -> None:
+        t = time.perf_counter()
+        fn()
+        timings[name] = time.perf_counter() - t
 
-    _step(f"2. adapt {preset} (two-stage referring-instruction tuning)")
-    t = time.perf_counter()
+    _step(f"1. SpotWorld data: {n_train} train / {n_test} test")
+
+    def make_data() -> None:
+        with task_progress("spotworld") as progress:
+            generate(data, seed=seed, n_train=n_train, n_test=n_test, progress=progress)
+
+    timed("data", make_data)
+
+    _step(f"2. adapt {preset} (stage 1: projector; stage 2: projector + region + LLM)")
     if not (ckpt / "config.json").is_file():
-        adapt(AdaptOptions(preset=preset, data=data, out=ckpt, minutes=minutes, eval_every=0, resume=True, seed=seed))
+        timed("adapt", lambda: adapt(AdaptOptions(preset=preset, data=data, out=ckpt, minutes=minutes, resume=True,
+                                                  seed=seed)))
     else:
         print(f"{ckpt} exists: skipped", file=sys.stderr)
-    timings["adapt_s"] = time.perf_counter() - t
 
-    _step("3. evaluate the checkpoint (SPEC section 6)")
-    t = time.perf_counter()
-    eval_json = out / f"{preset}-eval.json"
-    if not eval_json.is_file():
-        evaluate_path(ckpt, data, eval_json)
-    result = json.loads(eval_json.read_text())
-    timings["eval_s"] = time.perf_counter() - t
+    _step("3. evaluate the checkpoint in PyTorch (SPEC section 6)")
+    ckpt_eval = out / f"{preset}-ckpt-eval.json"
+    if not ckpt_eval.is_file():
+        timed("eval_checkpoint", lambda: evaluate_path(ckpt, data, ckpt_eval))
+    ckpt_result = json.loads(ckpt_eval.read_text())
 
-    _step("4. one box question on a test image")
-    from chatspot_edge.evaluation.answerers import TorchAnswerer
-    from chatspot_edge.evaluation.protocol import Request
-    from chatspot_edge.model.checkpoint import load_checkpoint
+    _step("4. export the bundle (GGUF F16 + ONNX vision + region graph + manifest)")
+    from chatspot_edge.export import export_bundle
 
-    model, tok = load_checkpoint(ckpt)
-    answerer = TorchAnswerer(model, tok)
-    tests = [r for r in load_split(data, "test") if r.get("task") == "region_recognition"
-             and (r.get("region") or {}).get("kind") == "box"][:5]
-    answers = answerer.answer([Request(lambda r=r: load_image(data, r), r["id"], r["conversations"][0]["value"])
-                               for r in tests])
-    rows = [(r["id"], r["conversations"][0]["value"].split("\n", 1)[1], a, r["conversations"][1]["value"])
-            for r, a in zip(tests, answers)]
+    if not (bundle / "manifest.json").is_file():
+        timed("export", lambda: export_bundle(ckpt, bundle, llm_dtype="f16"))
 
-    bundle_info = None
-    try:
-        from chatspot_edge.export import export_bundle
-    except ImportError:
-        export_bundle = None
-    if export_bundle is not None:
-        _step("5. export the bundle (GGUF + ONNX)")
-        t = time.perf_counter()
-        if not (bundle / "manifest.json").is_file():
-            export_bundle(ckpt, bundle)
-        timings["export_s"] = time.perf_counter() - t
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        bundle_info = {name: f["bytes"] for name, f in manifest["files"].items()}
+    _step("5. region questions on one test image through the runtime (llama.cpp + onnxruntime)")
+    asks = _ask_demo(bundle, data, load_split(data, "test"))
 
-    _print_table(preset, result, rows, timings, bundle_info)
-    return {"eval": result, "timings": timings}
+    _step("6. evaluate the bundle through the runtime (same protocol; parity with the checkpoint)")
+    bundle_eval = out / f"{preset}-bundle-eval.json"
+    if not bundle_eval.is_file():
+        timed("eval_bundle", lambda: evaluate_path(bundle, data, bundle_eval))
+    bundle_result = json.loads(bundle_eval.read_text())
+    a, b = ckpt_result.get("answers") or [], bundle_result.get("answers") or []
+    parity = sum(x == y for x, y in zip(a, b)) / max(1, min(len(a), len(b)))
+
+    report = None
+    if quantize:
+        _step("7. quantize (Q8_0, Q4_K_M, Q4_0 + fp16 / int8 vision) and the quality report")
+        from chatspot_edge.quantize import quality_report, quantize_bundle
+
+        report_dir = out / f"{preset}-quant-report"
+        if not (report_dir / "report.json").is_file():
+            timed("quantize", lambda: quantize_bundle(bundle, llm="q8_0,q4_k_m,q4_0", vision="fp16,int8", data=data))
+            timed("quant_report", lambda: quality_report(bundle, report_dir, data=data, checkpoint=ckpt, limit=100))
+        report = report_dir / "report.md"
+
+    bench_table = None
+    if bench:
+        _step("8. benchmark every variant (latency, memory, size; SPEC section 7)")
+        from chatspot_edge.benchmarks import format_table, run_bench
+
+        bench_json = out / f"{preset}-bench.json"
+        if not bench_json.is_file():
+            timed("bench", lambda: run_bench(bundle, bench_json, threads=(2,), repeats=3))
+        bench_table = format_table(json.loads(bench_json.read_text()))
+
+    _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bundle, report, bench_table)
+    return {"checkpoint_eval": ckpt_result["metrics"], "bundle_eval": bundle_result["metrics"], "parity": parity,
+            "timings": timings}
 
 
-def _print_table(preset: str, result: dict, rows: list, timings: dict, bundle_info: dict | None) -> None:
+def _ask_demo(bundle: Path, data: Path, records: list[dict]) -> list[tuple]:
+    """Several region questions (box, point, polygon) on ONE test image through the runtime."""
+    from chatspot_edge.data import load_image
+    from chatspot_edge.runtime import Engine
+
+    rec = max(records[:200], key=lambda r: len([o for o in r["objects"] if o.get("shape") != "text"]))
+    engine = Engine.load(bundle, threads=2)
+    session = engine.session(load_image(data, rec))
+    rows = []
+    shapes = [o for o in rec["objects"] if o.get("shape") != "text"][:4]
+    for i, o in enumerate(shapes):
+        x1, y1, x2, y2 = o["box"]
+        kind = ("box", "point", "box", "polygon")[i % 4]
+        region = {"box": dict(box=(x1, y1, x2, y2)), "point": dict(point=((x1 + x2) / 2, (y1 + y2) / 2)),
+                  "polygon": dict(polygon=[(x1, y1), (x2, y1), (x2, y2), (x1, y2)])}[kind]
+        answer = session.ask("What is this object? Answer briefly.", max_tokens=24, stream=False, **region)
+        t = session.timings
+        rows.append((f"{kind} {list(region.values())[0]}", answer, f"{o['color']} {o['shape']}",
+                     f"{t.ttft_ms:.1f}", f"{t.decode_tok_s:.0f}", "cached" if t.n_prompt < 60 else "cold"))
+    for text_obj in [o for o in rec["objects"] if o.get("shape") == "text"][:1]:
+        answer = session.ask("What word is written in {region}?", box=tuple(text_obj["box"]), max_tokens=16,
+                             stream=False)
+        t = session.timings
+        rows.append((f"box {tuple(text_obj['box'])}", answer, text_obj["text"], f"{t.ttft_ms:.1f}",
+                     f"{t.decode_tok_s:.0f}", "cached"))
+    print(f"image {rec['image']} ({rec['width']}x{rec['height']})", file=sys.stderr)
+    return rows
+
+
+def _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bundle, report, bench_table) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=140)
-    t = Table(title=f"{preset}: box questions on test images (torch checkpoint, greedy)")
-    for c in ("id", "question", "answer", "label"):
+    console = Console(width=150)
+    t = Table(title=f"{preset} bundle through the runtime: several regions on one test image")
+    for c in ("region (pixels)", "answer", "label", "TTFT ms", "decode tok/s", "prefix"):
         t.add_column(c)
-    for r in rows:
+    for r in asks:
         t.add_row(*r)
     console.print(t)
-    m = Table(title=f"{preset}: SpotWorld test metrics (n={result['n']})")
+    m = Table(title=f"{preset}: SpotWorld test set (n={ckpt_result['n']}), checkpoint (torch) vs bundle (runtime)")
     m.add_column("metric")
-    m.add_column("value", justify="right")
-    for k, v in {**result["metrics"], **result.get("extra_metrics", {})}.items():
-        m.add_row(k, "-" if v is None else f"{100 * v:.1f}%")
+    m.add_column("checkpoint", justify="right")
+    m.add_column("bundle F16", justify="right")
+    keys = list(ckpt_result["metrics"]) + list(ckpt_result.get("extra_metrics", {}))
+    for k in keys:
+        v = {**ckpt_result["metrics"], **ckpt_result.get("extra_metrics", {})}.get(k)
+        w = {**bundle_result["metrics"], **bundle_result.get("extra_metrics", {})}.get(k)
+        m.add_row(k, "-" if v is None else f"{100 * v:.1f}%", "-" if w is None else f"{100 * w:.1f}%")
+    m.add_row("greedy answers equal", "", f"{100 * parity:.1f}%")
     console.print(m)
     s = Table(title="time per stage")
     s.add_column("stage")
     s.add_column("seconds", justify="right")
     for k, v in timings.items():
         s.add_row(k, f"{v:.1f}")
-    if bundle_info:
-        for name, size in bundle_info.items():
-            s.add_row(f"bundle file {name}", f"{size / 1e6:.1f} MB")
     console.print(s)
+    if report is not None and Path(report).is_file():
+        console.print(f"\nquantization report: {report}")
+        console.print(Path(report).read_text())
+    if bench_table:
+        console.print("\nbenchmark (this machine):")
+        console.print(bench_table)
+    console.print(f"\nbundle: {bundle}  (try: chatspot-edge chat {bundle} IMAGE)")

@@ -176,6 +176,7 @@ def evaluate(answerer: Answerer, records: Sequence[dict], load: Callable[[dict],
         if progress:
             progress(min(i + chunk, len(items)), len(items))
     result = {"n": len(records), **score(items, answers)}
+    result["answers"] = answers  # every answer, in item order: parity between two answerers is a list compare
     result["samples"] = [{"id": it.record["id"], "kind": it.kind, "level": it.level, "question": it.request.question,
                           "answer": a, "label": it.record["conversations"][1]["value"]}
                          for it, a in list(zip(items, answers))[:50]]

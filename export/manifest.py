@@ -113,6 +113,8 @@ def read_manifest(bundle: str | Path) -> dict[str, Any]:
             raise _fail(bundle, f"manifest `{key}_variants` must map variant names to entries")
         for name, e in variants.items():
             _require(bundle, e, f"{key}_variants[{name}]", fields)
+    llms = [m["llm"], *(m.get("llm_variants") or {}).values()]
+    visions = [m["vision"], *(m.get("vision_variants") or {}).values()]
     _require(bundle, m["prompt"], "prompt", {"system": str, "template": str, "stop": list})
     for key in ("{image}", "{question}"):
         if key not in m["prompt"]["template"]:

@@ -33,6 +33,7 @@ class VisionConfig:
     grid: tuple[int, int] = (4, 4)  # (grid_h, grid_w) of the image tokens
     pool: int = 1  # average-pool factor applied to the encoder's map before the projector
     stride: int = 16  # encoder output stride before pooling (documentation + checks)
+    multiscale: bool = False  # EfficientNet: also the half-stride map, pooled to the output grid
     # HF towers only
     hf_config: dict[str, Any] | None = None
     feature_layer: int | list[int] = -2

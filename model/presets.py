@@ -63,10 +63,11 @@ def smollm2_llm(n_layers: int | None = None, vocab_size: int | None = None) -> L
     return llm
 
 
-def _efficientnet_vision(pool: int) -> VisionConfig:
+def efficientnet_vision(pool: int = 2) -> VisionConfig:
+    """The mini / smol vision config (stride-16 + stride-8 EfficientNet-Lite0 maps at 224x224, pooled `pool`x)."""
     grid = 14 // pool
-    return VisionConfig(kind="efficientnet_lite0", image_size=(224, 224), channels=112, stride=16, pool=pool,
-                        grid=(grid, grid))
+    return VisionConfig(kind="efficientnet_lite0", image_size=(224, 224), channels=112 + 40, stride=16, pool=pool,
+                        grid=(grid, grid), multiscale=True)
 
 
 def preset_config(preset: str, tokenizer, vision_pool: int = 2) -> ChatSpotConfig:
@@ -83,7 +84,7 @@ def preset_config(preset: str, tokenizer, vision_pool: int = 2) -> ChatSpotConfi
         return ChatSpotConfig(preset="tiny", vision=vision, text=_text_dict(text), **common)
     if preset in ("mini", "smol"):
         # the text config is filled in from the GGUF by build_preset; placeholders keep the dataclass whole
-        return ChatSpotConfig(preset=preset, vision=_efficientnet_vision(vision_pool), text={}, **common)
+        return ChatSpotConfig(preset=preset, vision=efficientnet_vision(vision_pool), text={}, **common)
     raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
 
 

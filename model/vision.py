@@ -62,6 +62,7 @@ class EfficientNetLite0Encoder(nn.Module):
     quantization-friendly, which is why Lite0 is the edge encoder."""
 
     STAGE_END = {8: 5, 16: 11, 32: 16}  # output stride -> number of MBConv blocks to keep
+    CHANNELS = {8: 40, 16: 112, 32: 192}
 
     def __init__(self, cfg: VisionConfig, pretrained: bool = False):
         super().__init__()
@@ -77,12 +78,20 @@ class EfficientNetLite0Encoder(nn.Module):
         self.blocks = nn.ModuleList(net._blocks[:keep])
         for b in self.blocks:  # plain ReLU6, no memory-efficient autograd function (traceable for export)
             b._swish = nn.ReLU6()
+        # multi-scale: the map at half the output stride (stride 8 for 16) is average-pooled to the output grid
+        # and concatenated; it keeps the colour and edges that the deeper, ImageNet-invariant stage loses
+        self.skip_at = self.STAGE_END[cfg.stride // 2] - 1 if cfg.multiscale else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.stem(self.norm(pixels))
-        for block in self.blocks:
+        skip = None
+        for i, block in enumerate(self.blocks):
             x = block(x, drop_connect_rate=None)
-        return x  # [B, 112, H/16, W/16]
+            if i == self.skip_at:
+                skip = x
+        if skip is not None:
+            x = torch.cat([x, F.avg_pool2d(skip, 2)], dim=1)
+        return x  # [B, 112 (+40), H/16, W/16]
 
 
 class HFVisionTower(nn.Module):

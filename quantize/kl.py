@@ -14,7 +14,6 @@ quantization, not the runtime's F16 KV cache.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -93,43 +92,9 @@ class LlamaScorer(LlamaCheck):
     """LlamaCheck (F32 KV, no flash attention) that returns logits only at the requested positions."""
 
     def logits_at(self, segments, positions: Sequence[int]) -> np.ndarray:
-        lc = self.lc
-        want = set(int(p) for p in positions)
         self.reset()
-        rows: dict[int, np.ndarray] = {}
-        for seg in segments:
-            is_embd = isinstance(seg, np.ndarray) and seg.ndim == 2
-            for a in range(0, len(seg), self.n_batch):
-                part = seg[a:a + self.n_batch]
-                n = len(part)
-                batch = lc.llama_batch_init(n, self.n_embd if is_embd else 0, 1)
-                try:
-                    if is_embd:
-                        rows_f = np.ascontiguousarray(part, dtype=np.float32)
-                        ctypes.memmove(batch.embd, rows_f.ctypes.data, rows_f.nbytes)
-                    else:
-                        for i, t in enumerate(part):
-                            batch.token[i] = int(t)
-                    flagged = []
-                    for i in range(n):
-                        pos = self.n_past + i
-                        batch.pos[i] = pos
-                        batch.n_seq_id[i] = 1
-                        batch.seq_id[i][0] = 0
-                        batch.logits[i] = 1 if pos in want else 0
-                        if pos in want:
-                            flagged.append((i, pos))
-                    batch.n_tokens = n
-                    rc = lc.llama_decode(self.ctx, batch)
-                    if rc != 0:
-                        raise RuntimeError(f"llama_decode returned {rc}")
-                    for i, pos in flagged:
-                        ptr = lc.llama_get_logits_ith(self.ctx, i)
-                        rows[pos] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-                    self.n_past += n
-                finally:
-                    lc.llama_batch_free(batch)
-        return np.stack([rows[int(p)] for p in positions])
+        every = self.feed(segments, logits="all")  # [T, n_vocab], one row per fed position
+        return every[np.asarray(positions, dtype=np.int64)]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ VISION_SPEEDUP_MIN = 1.5
 COSINE_MIN = 0.999
 Q8_TOP1_MIN = 0.99
 ACCURACY_KEY = "region_recognition"
+SENSITIVITY_RECORDS = 16  # KL examples per sensitivity GGUF (one per block: keep it cheap)
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -208,6 +209,12 @@ def quality_report(bundle: str | Path, out: str | Path, data: str | Path | None 
                  images, threads, timing_runs)
     report["vision"] = {k: {"file": e["file"], "bytes": _bytes(bundle, manifest, e["file"]),
                             "method": e.get("method"), **vm[k]} for k, e in visions.items()}
+    if "candidates" in visions.get("int8", {}):  # both int8 methods, as measured when the variant was built
+        report["vision"]["int8"]["candidates"] = visions["int8"]["candidates"]
+        report["vision"]["int8"]["why"] = visions["int8"].get("why")
+    report["coreml"] = {k: {"file": e["file"], "bytes": _bytes(bundle, manifest, e["file"]),
+                            "method": e.get("method"), "note": e.get("note")}
+                        for k, e in (manifest.get("coreml_variants") or {}).items()}
 
     # LLM: sizes, types
     report["llm"] = {}
@@ -222,7 +229,8 @@ def quality_report(bundle: str | Path, out: str | Path, data: str | Path | None 
     report["kl_reference"] = kl_ctx["info"]
     embeds_by_vision: dict[str, list] = {}
 
-    def kl_for(llm_key: str, vis_key: str, gguf: Path | None = None) -> dict | None:
+    def kl_for(llm_key: str, vis_key: str, gguf: Path | None = None, n: int | None = None) -> dict | None:
+        """KL stats of an LLM (or the GGUF `gguf`) with a vision variant, on the first `n` KL examples."""
         if kl_ctx["examples"] is None:
             return None
         from chatspot_edge.quantize.kl import Embedder, variant_kl
@@ -231,8 +239,9 @@ def quality_report(bundle: str | Path, out: str | Path, data: str | Path | None 
             region = bundle / manifest["referring"]["graph"] if region_token else None
             emb = Embedder(bundle / visions[vis_key]["file"], region, threads)
             embeds_by_vision[vis_key] = [emb(e) for e in kl_ctx["examples"]]
-        return variant_kl(gguf or bundle / llms[llm_key]["file"], kl_ctx["examples"], embeds_by_vision[vis_key],
-                          kl_ctx["reference"], int(st.get("image", -1)),
+        n = n or len(kl_ctx["examples"])
+        return variant_kl(gguf or bundle / llms[llm_key]["file"], kl_ctx["examples"][:n],
+                          embeds_by_vision[vis_key][:n], kl_ctx["reference"][:n], int(st.get("image", -1)),
                           int(st["region"]) if region_token and st.get("region", -1) >= 0 else None, threads)
 
     for k in llms:
@@ -448,8 +457,9 @@ def _diagnose(bundle: Path, manifest: dict, report: dict, llms: dict, kl_ctx: di
 
 
 def llm_sensitivity(source: Path, source_quant: str, quant: str, kl_for, threads: int, log: Log) -> list[dict]:
-    """Mean KL when only one group is quantized as `quant` (llama.cpp tensor-type overrides keep every other
-    tensor at the source's precision): each block `blk.i`, and the token embedding / output. Largest first."""
+    """Mean KL (first SENSITIVITY_RECORDS examples, fp32 vision) when only one group is quantized as `quant`
+    (llama.cpp tensor-type overrides keep every other tensor at the source's precision): each block `blk.i`,
+    and the token embedding / output. Largest first."""
     keep = source_quant.upper() if source_quant.upper() in ("F32", "F16", "BF16") else "F16"
     n = n_layers(gguf_tensors(source))
     groups = [(f"blk.{i}", [(rf"^blk\.{j}\.", keep) for j in range(n) if j != i]
@@ -462,7 +472,7 @@ def llm_sensitivity(source: Path, source_quant: str, quant: str, kl_for, threads
             path = work / "one-group.gguf"
             path.unlink(missing_ok=True)
             quantize_gguf(source, path, quant, threads, overrides)
-            kl = kl_for(quant, "fp32", gguf=path)
+            kl = kl_for(quant, "fp32", gguf=path, n=SENSITIVITY_RECORDS)
             out.append({"group": name, "kl_mean": kl["kl_mean"], "kl_p99": kl["kl_p99"], "top1": kl["top1"]})
             log(f"  LLM sensitivity {k + 1}/{len(groups)}: only {name} as {quant}: KL {kl['kl_mean']:.5f}")
     finally:
@@ -494,6 +504,17 @@ def render_markdown(r: dict) -> str:
     for k, v in r["vision"].items():
         L.append(f"| {k} | {v['bytes'] / 1e6:.2f} | {_fmt(v.get('ms'), 2)} | {_fmt(v.get('speedup'), 2)} | "
                  f"{_fmt(v.get('cosine_mean'), 5)} | {_fmt(v.get('cosine_min'), 5)} | {v.get('method') or '-'} |")
+    cands = r["vision"].get("int8", {}).get("candidates") or {}
+    if cands:
+        L += ["", f"int8 method: **{r['vision']['int8'].get('method')}** ({r['vision']['int8'].get('why')}); "
+                  "both candidates as measured when the variant was built:", "",
+              "| int8 method | ms | speedup | cosine mean | cosine min | MB |", "|---|---|---|---|---|---|"]
+        for k, c in cands.items():
+            L.append(f"| {k} | {_fmt(c.get('ms'), 2)} | {_fmt(c.get('speedup'), 2)} | {_fmt(c.get('cosine_mean'), 5)} | "
+                     f"{_fmt(c.get('cosine_min'), 5)} | {c.get('bytes', 0) / 1e6:.2f} |")
+    if r.get("coreml"):
+        L += ["", "Core ML packages (prediction is macOS-only, not measured here): "
+              + ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB ({v['method']})" for k, v in r["coreml"].items())]
     keys = ["region_recognition", "point_qa", "region_ocr", "grounding", "noise_0.2", "hallucination"]
     L += ["", "## Combinations (SPEC-6 through the runtime)", "",
           "| LLM | vision | total MB | " + " | ".join(keys) + " | KL mean | TTFT cold ms | TTFT follow-up ms | decode tok/s |",

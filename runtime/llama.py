@@ -107,7 +107,7 @@ class LlamaModel:
 
     def __init__(self, path: str | Path, n_ctx: int = 2048, threads: int | None = None, n_seq_max: int = 4,
                  quantized: bool = False, f32_kv: bool = False, flash_attn: bool | None = None,
-                 use_mmap: bool = True, n_batch: int = 512):
+                 use_mmap: bool = True, n_batch: int = 512, vocab_only: bool = False):
         llama_cpp = _lib()
         self._c = llama_cpp
         path = Path(path)
@@ -115,10 +115,19 @@ class LlamaModel:
         mp.use_mmap = use_mmap
         mp.n_gpu_layers = 0
         mp.use_extra_bufts = safe_extra_bufts(quantized)
+        mp.vocab_only = vocab_only
         self.extra_bufts = bool(mp.use_extra_bufts)
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise BundleError(f"{path}: llama.cpp could not load this GGUF")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self._tok_buf = (llama_cpp.llama_token * 8192)()
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self.ctx = None
+        if vocab_only:  # tokenizer only
+            return
         threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = n_ctx
@@ -143,24 +152,19 @@ class LlamaModel:
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_batch = cp.n_batch
         self.n_seq_max = n_seq_max
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self._tok_batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._emb_batch = llama_cpp.llama_batch_init(self.n_batch, self.n_embd, 1)
-        self._tok_buf = (llama_cpp.llama_token * 8192)()
-        self._piece_buf = ctypes.create_string_buffer(256)
         self._greedy = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         llama_cpp.llama_sampler_chain_add(self._greedy, llama_cpp.llama_sampler_init_greedy())
 
     # -- text --------------------------------------------------------------------------------------------
-    def tokenize(self, text: str, parse_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, parse_special: bool = True, add_bos: bool = False) -> list[int]:
         data = text.encode("utf-8")
-        n = self._c.llama_tokenize(self.vocab, data, len(data), self._tok_buf, len(self._tok_buf), False, parse_special)
+        n = self._c.llama_tokenize(self.vocab, data, len(data), self._tok_buf, len(self._tok_buf), add_bos, parse_special)
         if n < 0:
             buf = (self._c.llama_token * (-n))()
-            n = self._c.llama_tokenize(self.vocab, data, len(data), buf, -n, False, parse_special)
+            n = self._c.llama_tokenize(self.vocab, data, len(data), buf, -n, add_bos, parse_special)
             return list(buf[:n])
         return list(self._tok_buf[:n])
 
@@ -171,6 +175,16 @@ class LlamaModel:
             n = self._c.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
             return buf.raw[:n]
         return self._piece_buf.raw[:n]
+
+    def detokenize(self, ids: list[int], special: bool = True) -> str:
+        arr = (self._c.llama_token * max(1, len(ids)))(*ids)
+        cap = 16 * len(ids) + 16
+        out = ctypes.create_string_buffer(cap)
+        n = self._c.llama_detokenize(self.vocab, arr, len(ids), out, cap, False, special)
+        if n < 0:
+            out = ctypes.create_string_buffer(-n)
+            n = self._c.llama_detokenize(self.vocab, arr, len(ids), out, -n, False, special)
+        return out.raw[:n].decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
         return bool(self._c.llama_vocab_is_eog(self.vocab, token))
@@ -188,42 +202,44 @@ class LlamaModel:
                 raise InputError(f"llama.cpp: no KV cache space for this {what} (context of {self.n_ctx} is full)")
             raise RuntimeError(f"llama_decode failed ({rc}) on {what}")
 
-    def decode_tokens(self, tokens: list[int], seq: int, pos: int, logits_last: bool = True) -> int:
-        """Append `tokens` to sequence `seq` at positions pos, pos+1, ...; returns the next position."""
-        b = self._tok_batch
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            n = len(chunk)
-            last = start + n == len(tokens)
-            for i, t in enumerate(chunk):
-                b.token[i] = t
-                b.pos[i] = pos + start + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = seq
-                b.logits[i] = 1 if (logits_last and last and i == n - 1) else 0
-            b.n_tokens = n
-            self._decode(b, "text")
-        return pos + len(tokens)
+    def decode_tokens(self, tokens: list[int], seq: int, pos: int, logits_last: bool = True,
+                      all_logits: list | None = None) -> int:
+        """Append `tokens` to sequence `seq` at positions pos, pos+1, ...; returns the next position.
+        With `all_logits` (a list), the logits `[n, n_vocab]` of every position are appended to it."""
+        return self._decode_rows(tokens, None, seq, pos, logits_last, all_logits)
 
-    def decode_embeddings(self, embeds: np.ndarray, seq: int, pos: int, logits_last: bool = False) -> int:
+    def decode_embeddings(self, embeds: np.ndarray, seq: int, pos: int, logits_last: bool = False,
+                          all_logits: list | None = None) -> int:
         """Append float embeddings `[n, n_embd]` (e.g. image embeddings) to `seq` at pos, pos+1, ..."""
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         if embeds.ndim != 2 or embeds.shape[1] != self.n_embd:
             raise BundleError(f"embeddings of shape {embeds.shape} do not fit the LLM (n_embd={self.n_embd})")
-        b = self._emb_batch
-        for start in range(0, embeds.shape[0], self.n_batch):
-            chunk = embeds[start:start + self.n_batch]
-            n = chunk.shape[0]
-            last = start + n == embeds.shape[0]
-            ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
+        return self._decode_rows(None, embeds, seq, pos, logits_last, all_logits)
+
+    def _decode_rows(self, tokens, embeds, seq: int, pos: int, logits_last: bool, all_logits: list | None) -> int:
+        """One batch per `n_batch` chunk: a llama_batch holds tokens or embeddings, never both."""
+        total = len(tokens) if tokens is not None else embeds.shape[0]
+        b = self._tok_batch if tokens is not None else self._emb_batch
+        for start in range(0, total, self.n_batch):
+            n = min(self.n_batch, total - start)
+            last = start + n == total
+            if tokens is not None:
+                for i in range(n):
+                    b.token[i] = tokens[start + i]
+            else:
+                chunk = embeds[start:start + n]
+                ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
             for i in range(n):
                 b.pos[i] = pos + start + i
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = seq
-                b.logits[i] = 1 if (logits_last and last and i == n - 1) else 0
+                b.logits[i] = 1 if (all_logits is not None or (logits_last and last and i == n - 1)) else 0
             b.n_tokens = n
-            self._decode(b, "embedding batch")
-        return pos + embeds.shape[0]
+            self._decode(b, "text" if tokens is not None else "embedding batch")
+            if all_logits is not None:
+                all_logits.append(np.stack([np.ctypeslib.as_array(self._c.llama_get_logits_ith(self.ctx, i),
+                                                                  shape=(self.n_vocab,)) for i in range(n)]))
+        return pos + total
 
     def logits(self) -> np.ndarray:
         """Logits `[n_vocab]` of the last position that asked for them (a view: copy to keep)."""
@@ -243,6 +259,10 @@ class LlamaModel:
         return int(rng.choice(self.n_vocab, p=p))
 
     # -- sequences ---------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Clear every sequence."""
+        self._c.llama_memory_clear(self.mem, True)
+
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> None:
         self._c.llama_memory_seq_rm(self.mem, seq, p0, p1)
 
@@ -264,8 +284,10 @@ class LlamaModel:
             c.llama_batch_free(self._emb_batch)
             c.llama_sampler_free(self._greedy)
             c.llama_free(self.ctx)
-            c.llama_model_free(self.model)
             self.ctx = None
+        if getattr(self, "model", None):
+            c.llama_model_free(self.model)
+            self.model = None
 
     def __del__(self):  # noqa: D105
         try:

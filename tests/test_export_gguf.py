@@ -139,7 +139,7 @@ def test_chat_template_matches_prompt_format(tiny, gguf_f32):
     model, _ = tiny
     proc = Processor(tiny[1], model.config)
     with LlamaCheck(gguf_f32, vocab_only=True) as chk:
-        tmpl = lc.llama_model_chat_template(chk.model, None)
+        tmpl = lc.llama_model_chat_template(chk.llm.model, None)
         assert tmpl and b"<|im_start|>" in tmpl
         msgs = (lc.llama_chat_message * 2)(
             lc.llama_chat_message(role=b"system", content=model.config.system_prompt.encode()),

@@ -173,7 +173,7 @@ def test_bad_names_rejected(exported):
 def report(quantized, tmp_path_factory):
     b = _copy(quantized[0], tmp_path_factory.mktemp("rep") / "bundle")
     out = b.parent / "report"
-    r = quality_report(b, out, limit=3, timing_runs=2, best=1, log=lambda s: None)
+    r = quality_report(b, out, limit=3, timing_runs=2, best=1, sensitivity=True, log=lambda s: None)
     return b, out, r
 
 
@@ -203,6 +203,24 @@ def test_kl_against_torch(report):
     assert r["llm"]["F32"]["kl_mean"] < 1e-4 and r["llm"]["F32"]["top1"] == 1.0
     assert r["llm"]["Q4_0"]["kl_mean"] > 0 and r["llm"]["Q4_0"]["kl_mean"] > 10 * r["llm"]["F32"]["kl_mean"]
     assert r["kl_reference"]["positions"] > 0
+
+
+def test_report_sensitivity(report):
+    _, _, r = report
+    llm = r["diagnosis"]["llm_sensitivity"]  # tiny: 2 blocks + the embedding, one quantized at a time
+    assert [g["group"] for g in llm] and {g["group"] for g in llm} == {"blk.0", "blk.1", "token_embd+output"}
+    assert all(g["kl_mean"] >= 0 for g in llm) and llm[0]["kl_mean"] >= llm[-1]["kl_mean"]
+    vis = r["diagnosis"]["vision_sensitivity"]
+    assert vis and all(0 < v["cosine_mean"] <= 1.0 + 1e-6 for v in vis)
+
+
+def test_kl_skipped_without_checkpoint(quantized):
+    from chatspot_edge.quantize.report import _kl_context
+
+    m = verify_bundle(quantized[0])
+    m["model"] = {**m["model"], "provenance": {}}
+    ctx = _kl_context(quantized[0], m, [], None, None, 1, 1, lambda s: None)
+    assert ctx["examples"] is None and "KL skipped" in ctx["info"]["skipped"]
 
 
 def test_report_records_recommendation(report):
