@@ -55,6 +55,9 @@ def adapt(
     seed: int = typer.Option(0),
     vision_pool: int = typer.Option(2, "--vision-pool", help="2: 7x7 = 49 image tokens, 1: 14x14 = 196"),
     region_token: bool = typer.Option(True, "--region-token/--no-region-token"),
+    blocks: Optional[str] = typer.Option(None, help="mini: SmolLM2 blocks to keep, e.g. 0,6,12,18,24,29"),
+    lr_llm: Optional[float] = typer.Option(None, "--lr-llm", help="learning rate of the LLM blocks"),
+    lr_embed: Optional[float] = typer.Option(None, "--lr-embed", help="learning rate of the token embeddings"),
 ) -> None:
     """Referring-instruction tuning (ChatSpot's two stages): projector alignment, then projector + LLM."""
     from chatspot_edge.train.adapt import AdaptOptions, adapt as run_adapt
@@ -63,7 +66,7 @@ def adapt(
                         grad_accum=grad_accum, stage1_steps=stage1_steps, eval_every=eval_every,
                         eval_samples=eval_samples,
                         save_every=save_every, resume=resume, lora=lora, seed=seed, vision_pool=vision_pool,
-                        region_token=region_token)
+                        region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed)
     run_adapt(opts)
 
 

@@ -35,8 +35,8 @@ class _Region(nn.Module):
         super().__init__()
         self.region = region
 
-    def forward(self, image_embeds: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return self.region(image_embeds, boxes)
+    def forward(self, image_embeds: torch.Tensor, boxes: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.region(image_embeds, boxes, image)
 
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
@@ -82,15 +82,18 @@ def export_region_onnx(model, path: str | Path, opset: int = OPSET) -> dict[str,
         raise ValueError("the model has no region encoder (config.region_token is false)")
     path = Path(path)
     n, d = model.config.num_image_tokens, model.config.hidden_size
+    h, w = model.config.vision.image_size
     emb = torch.randn(1, n, d)
     boxes = torch.tensor([[0.1, 0.2, 0.45, 0.61], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float32)
-    _export(_Region(model.region), (emb, boxes), path, ["image_embeds", "boxes"], ["region_embeds"],
-            {"boxes": {0: "R"}, "region_embeds": {0: "R"}}, opset)
+    image = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8)
+    _export(_Region(model.region), (emb, boxes, image), path, ["image_embeds", "boxes", "image"], ["region_embeds"],
+            {"boxes": {0: "R"}, "region_embeds": {0: "R"}}, max(opset, 16))  # GridSample needs opset 16
     return {
         "inputs": {
             "image_embeds": {"dtype": "float32", "shape": [1, n, d], "from": "vision image_embeds"},
             "boxes": {"dtype": "float32", "shape": ["R", 4],
                       "meaning": "normalized x1,y1,x2,y2 of each region in <region> order (a point: x1=x2, y1=y2)"},
+            "image": {"dtype": "uint8", "shape": [1, h, w, 3], "from": "the vision graph's input image"},
         },
         "outputs": {"region_embeds": {"dtype": "float32", "shape": ["R", d],
                                       "meaning": "row r replaces the r-th <region> id of the prompt"}},

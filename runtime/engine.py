@@ -279,7 +279,7 @@ class Session:
         segs: list = []
         region_embeds = None
         if boxes:
-            region_embeds = eng.region(self._embeds, np.asarray(boxes, dtype=np.float32))
+            region_embeds = eng.region(self._embeds, np.asarray(boxes, dtype=np.float32), self.pixels)
         for i, part in enumerate(parts):
             if part:
                 segs.append(eng.llm.tokenize(part))

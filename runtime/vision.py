@@ -58,7 +58,8 @@ class CoreMLVision:
 
 
 class OnnxRegion:
-    """`region.onnx`: (image_embeds `[1, N, d]`, boxes `[R, 4]` normalized) -> region_embeds `[R, d]`."""
+    """`region.onnx`: (image_embeds `[1, N, d]`, boxes `[R, 4]` normalized, image uint8 `[1, H, W, 3]`)
+    -> region_embeds `[R, d]`. Inputs are fed by name."""
 
     def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime as ort
@@ -74,7 +75,12 @@ class OnnxRegion:
         self.names = [i.name for i in self.session.get_inputs()]
         self.output = self.session.get_outputs()[0].name
 
-    def __call__(self, image_embeds: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        feed = dict(zip(self.names, (image_embeds[None] if image_embeds.ndim == 2 else image_embeds,
-                                     np.asarray(boxes, dtype=np.float32).reshape(-1, 4))))
+    def __call__(self, image_embeds: np.ndarray, boxes: np.ndarray, image: np.ndarray) -> np.ndarray:
+        values = {"image_embeds": image_embeds[None] if image_embeds.ndim == 2 else image_embeds,
+                  "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                  "image": image[None] if image.ndim == 3 else image}
+        missing = [n for n in self.names if n not in values]
+        if missing:
+            raise BundleError(f"region graph wants inputs {missing} this runtime does not know")
+        feed = {n: values[n] for n in self.names}
         return self.session.run([self.output], feed)[0].reshape(len(boxes), -1)

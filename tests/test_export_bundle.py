@@ -66,7 +66,7 @@ def test_manifest_contract(bundle, ckpt, tiny):
     ref = m["referring"]
     assert ref["format"] == "chatspot-text-v1" and ref["region_token"] is True
     assert ref["graph"] == "region.onnx" and ref["placeholder"] == "<region>"
-    assert set(ref["inputs"]) == {"image_embeds", "boxes"} and set(ref["outputs"]) == {"region_embeds"}
+    assert set(ref["inputs"]) == {"image_embeds", "boxes", "image"} and set(ref["outputs"]) == {"region_embeds"}
     st = m["special_tokens"]
     assert [st[k] for k in ("image", "box_start", "box_end", "region")] == [49152, 49153, 49154, 49155]
     assert st["eos"] in st["stop"] and tok.convert_tokens_to_ids("<|im_end|>") in st["stop"]
@@ -186,7 +186,8 @@ def test_full_chain_greedy_matches_torch(bundle, tiny):
             replace = {st["image"]: emb[0]}
             if enc.boxes:
                 replace[st["region"]] = region.run(
-                    ["region_embeds"], {"image_embeds": emb, "boxes": np.asarray(enc.boxes, dtype=np.float32)})[0]
+                    ["region_embeds"], {"image_embeds": emb, "boxes": np.asarray(enc.boxes, dtype=np.float32),
+                                        "image": img})[0]
             got = lc.greedy(split_segments(enc.ids, replace), max_new_tokens=8)
             ref = model.generate([enc.ids], torch.from_numpy(img), [enc.boxes], max_new_tokens=8)[0]
             assert got == ref, q

@@ -246,7 +246,7 @@ def test_image_and_region_embedding_injection_matches_torch(tiny, llama):
     boxes = torch.tensor(enc.boxes, dtype=torch.float32)
     with torch.no_grad():
         image_embeds = model.encode_image(pixels)
-        region = model.encode_regions(image_embeds, boxes, torch.zeros(1, dtype=torch.long))
+        region = model.encode_regions(image_embeds, boxes, torch.zeros(1, dtype=torch.long), pixels)
         ref = model(torch.tensor([enc.ids]), pixels=pixels, boxes=boxes,
                     box_batch=torch.zeros(1, dtype=torch.long)).logits[0].numpy()
     segs = split_segments(enc.ids, {model.config.image_token_id: image_embeds[0].numpy(),

@@ -61,18 +61,19 @@ def test_vision_matches_torch(tiny, graphs):
 def test_region_graph_matches_torch_dynamic_r(tiny, graphs):
     m = onnx.load(str(graphs / "region.onnx"))
     onnx.checker.check_model(m, full_check=True)
-    assert [i.name for i in m.graph.input] == ["image_embeds", "boxes"]
+    assert [i.name for i in m.graph.input] == ["image_embeds", "boxes", "image"]
     assert [o.name for o in m.graph.output] == ["region_embeds"]
     sess = onnx_session(graphs / "region.onnx")
     rng = np.random.default_rng(1)
     emb = rng.standard_normal((1, 16, 64)).astype(np.float32)
+    image = rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
     for r in (1, 3, 7):
         xy = rng.random((r, 2, 2)).astype(np.float32)
         boxes = np.concatenate([xy.min(1), xy.max(1)], 1)  # x1,y1,x2,y2
         boxes[0, 2:] = boxes[0, :2]  # a point
-        got = sess.run(["region_embeds"], {"image_embeds": emb, "boxes": boxes})[0]
+        got = sess.run(["region_embeds"], {"image_embeds": emb, "boxes": boxes, "image": image})[0]
         with torch.no_grad():
-            ref = tiny.region(torch.from_numpy(emb), torch.from_numpy(boxes)).numpy()
+            ref = tiny.region(torch.from_numpy(emb), torch.from_numpy(boxes), torch.from_numpy(image)).numpy()
         assert got.shape == (r, 64)
         assert rel_err(got, ref) <= 1e-5
 

@@ -32,7 +32,7 @@ def spread():
     model, tok = build_preset("tiny", seed=1)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in model.llm.named_parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "embed" in name else 0.35))
     return model, tok

@@ -67,6 +67,9 @@ class AdaptOptions:
     max_tokens: int = 320  # longer samples are truncated (answers are short)
     per_sample_loss: bool = True  # average the loss within each sample first (tasks weigh alike)
     init: Path | None = None  # start from an existing checkpoint instead of the preset
+    blocks: str | None = None  # mini: which SmolLM2 blocks to keep, e.g. "0,6,12,18,24,29"
+    lr_llm: float | None = None  # override the preset's LLM (transformer blocks) learning rate
+    lr_embed: float | None = None  # learning rate of the (tied) token embeddings; default: lr_llm
     quiet: bool = False
 
 
@@ -202,12 +205,16 @@ def _set_trainable(model: ChatSpotModel, stage: int, lora: bool) -> None:
             p.requires_grad = ("lora_" in n) if lora else True
 
 
-def _param_groups(model: ChatSpotModel, lr_llm: float, lr_proj: float) -> list[dict]:
+def _param_groups(model: ChatSpotModel, lr_llm: float, lr_proj: float, lr_embed: float | None = None) -> list[dict]:
     proj = [p for m in (model.projector, model.region) if m is not None for p in m.parameters() if p.requires_grad]
-    llm = [p for p in model.llm.parameters() if p.requires_grad]
+    emb = model.llm.get_input_embeddings().weight
+    llm = [p for p in model.llm.parameters() if p.requires_grad and p is not emb]
     groups = [{"params": proj, "lr": lr_proj, "base_lr": lr_proj, "weight_decay": 0.0}]
     if llm:
         groups.append({"params": llm, "lr": lr_llm, "base_lr": lr_llm, "weight_decay": 0.0})
+    if emb.requires_grad:
+        lr = lr_embed if lr_embed is not None else lr_llm
+        groups.append({"params": [emb], "lr": lr, "base_lr": lr, "weight_decay": 0.0})
     return groups
 
 
@@ -217,7 +224,9 @@ def _build_model(opts: AdaptOptions):
 
     if opts.init is not None:
         return load_checkpoint(opts.init)
-    model, tok = build_preset(opts.preset, pretrained=True, vision_pool=opts.vision_pool, seed=opts.seed)
+    blocks = tuple(int(b) for b in opts.blocks.split(",")) if opts.blocks else None
+    model, tok = build_preset(opts.preset, pretrained=True, vision_pool=opts.vision_pool, seed=opts.seed,
+                              blocks=blocks)
     if not opts.region_token:
         model.config.region_token = False
         model.region = None
@@ -230,7 +239,9 @@ def adapt(opts: AdaptOptions) -> dict:
 
     if opts.preset not in PRESET_DEFAULTS:
         raise InputError(f"unknown preset {opts.preset!r} (choose from {', '.join(PRESET_DEFAULTS)})")
-    d = PRESET_DEFAULTS[opts.preset]
+    d = dict(PRESET_DEFAULTS[opts.preset])
+    if opts.lr_llm is not None:
+        d["lr_llm"] = opts.lr_llm
     batch_size = opts.batch_size or d["batch_size"]
     stage1_steps = d["stage1_steps"] if opts.stage1_steps is None else opts.stage1_steps
     minutes = opts.minutes if opts.minutes is not None else d["minutes"]
@@ -278,7 +289,7 @@ def adapt(opts: AdaptOptions) -> dict:
     if opts.resume and (state_dir / "state.json").is_file():
         saved = json.loads((state_dir / "state.json").read_text())
         _set_trainable(model, saved["stage"], opts.lora)
-        opt = torch.optim.AdamW(_param_groups(model, d["lr_llm"], d["lr_proj"]), betas=(0.9, 0.95))
+        opt = torch.optim.AdamW(_param_groups(model, d["lr_llm"], d["lr_proj"], opts.lr_embed), betas=(0.9, 0.95))
         meta = load_train_state(state_dir, model, opt)
         data1.position, data2.position = meta["pos1"], meta["pos2"]
         resumed = True
@@ -296,7 +307,7 @@ def adapt(opts: AdaptOptions) -> dict:
         for a in range(opts.grad_accum):
             batch = {k: v.to(device) for k, v in data.collate(mine[a * micro:(a + 1) * micro]).items()}
             with torch.no_grad(), autocast:
-                features = model.vision(batch.pop("pixels"))
+                features = model.vision(batch["pixels"])  # frozen: no graph; pixels stay for region crops
             last = a == opts.grad_accum - 1
             sync = contextlib.nullcontext() if (last or not distributed) else fwd.no_sync()
             with sync:
@@ -325,7 +336,7 @@ def adapt(opts: AdaptOptions) -> dict:
     if meta["stage"] == 1:
         if not resumed:
             _set_trainable(model, 1, opts.lora)
-            opt = torch.optim.AdamW(_param_groups(model, d["lr_llm"], d["lr_proj"]), betas=(0.9, 0.95))
+            opt = torch.optim.AdamW(_param_groups(model, d["lr_llm"], d["lr_proj"], opts.lr_embed), betas=(0.9, 0.95))
         model.train(); model.vision.eval()
         fwd = wrap()
         while meta["step"] < stage1_steps:
@@ -340,7 +351,7 @@ def adapt(opts: AdaptOptions) -> dict:
     # ---- stage 2: projector + LLM on every task ------------------------------------------------------------
     if not resumed:
         _set_trainable(model, 2, opts.lora)
-        opt = torch.optim.AdamW(_param_groups(model, d["lr_llm"], d["lr_proj"]), betas=(0.9, 0.95))
+        opt = torch.optim.AdamW(_param_groups(model, d["lr_llm"], d["lr_proj"], opts.lr_embed), betas=(0.9, 0.95))
     model.train(); model.vision.eval()
     fwd = wrap()
     total = meta["total_steps"]
