@@ -58,6 +58,8 @@ def adapt(
     blocks: Optional[str] = typer.Option(None, help="mini: SmolLM2 blocks to keep, e.g. 0,6,12,18,24,29"),
     lr_llm: Optional[float] = typer.Option(None, "--lr-llm", help="learning rate of the LLM blocks"),
     lr_embed: Optional[float] = typer.Option(None, "--lr-embed", help="learning rate of the token embeddings"),
+    region_align: float = typer.Option(1.0, "--region-align", help="weight of the region-text alignment loss"),
+    region_placement: Optional[str] = typer.Option(None, "--region-placement", help="after_box or before_answer"),
 ) -> None:
     """Referring-instruction tuning (ChatSpot's two stages): projector alignment, then projector + LLM."""
     from chatspot_edge.train.adapt import AdaptOptions, adapt as run_adapt
@@ -66,7 +68,8 @@ def adapt(
                         grad_accum=grad_accum, stage1_steps=stage1_steps, eval_every=eval_every,
                         eval_samples=eval_samples,
                         save_every=save_every, resume=resume, lora=lora, seed=seed, vision_pool=vision_pool,
-                        region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed)
+                        region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed,
+                        region_align=region_align, region_placement=region_placement)
     run_adapt(opts)
 
 

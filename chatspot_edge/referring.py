@@ -187,6 +187,20 @@ def insert_region_tokens(text: str) -> str:
     return text.replace(BOX_END, BOX_END + REGION_TOKEN)
 
 
+REGION_PLACEMENTS = ("after_box", "before_answer")
+
+
+def with_region_tokens(question: str, render, placement: str = "after_box") -> str:
+    """The prompt text `render(question)` with one `<region>` placeholder per region of the question:
+    right after each `</box>` ("after_box"), or all at the very end of the prompt, just before the answer
+    ("before_answer", in region order; the LLM then reads them with short-range attention)."""
+    if placement == "after_box":
+        return render(insert_region_tokens(question))
+    if placement == "before_answer":
+        return render(question) + REGION_TOKEN * len(parse_regions(question))
+    raise ValueError(f"unknown region placement {placement!r} (one of {REGION_PLACEMENTS})")
+
+
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
     """Intersection over union of two (x1, y1, x2, y2) boxes in the same coordinate space."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))

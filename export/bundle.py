@@ -71,10 +71,11 @@ def build_manifest(model, tokenizer, ckpt: Path, llm_info: dict, llm_file: str, 
     if cfg.region_token:
         referring.update(
             graph=REGION_FILE, inputs=region_io["inputs"], outputs=region_io["outputs"], placeholder=REGION_TOKEN,
-            placeholder_id=int(cfg.region_token_id), opset=region_io["opset"],
-            usage=("each `</box>` of the question is followed by `<region>`; run the graph on the image's "
-                   "image_embeds and the regions' normalized boxes, and feed row r as the embedding of the "
-                   "r-th `<region>`"),
+            placeholder_id=int(cfg.region_token_id), opset=region_io["opset"], placement=cfg.region_placement,
+            usage=("one `<region>` per region of the question, placed per `placement` (after each `</box>`, or "
+                   "all at the end of the prompt just before the answer); run the graph on the image's "
+                   "image_embeds, the regions' normalized boxes and the image, and feed row r as the embedding of "
+                   "the r-th `<region>`"),
         )
     extra_tools = ("coremltools",) if coreml_entry is not None else ()
     return {

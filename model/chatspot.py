@@ -110,10 +110,12 @@ class ChatSpotModel(nn.Module):
         labels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         per_sample: bool = False,
+        region_align: float = 0.0,
     ) -> ChatSpotOutput:
         """With `labels`: the loss over answer tokens only, logits computed at those positions alone (the
         49k-way softmax over prompt positions is most of the cost otherwise), averaged over tokens or, with
-        `per_sample`, first within each sample. Without labels: full logits."""
+        `per_sample`, first within each sample. `region_align` > 0 adds the region-text alignment loss (see
+        `region_alignment_loss`) with that weight. Without labels: full logits."""
         if image_embeds is None and pixels is not None:
             image_embeds = self.encode_image(pixels)
         emb = self.embed(input_ids, image_embeds, boxes, box_batch, pixels)
@@ -131,7 +133,23 @@ class ChatSpotModel(nn.Module):
             loss = per[select.any(1)].mean()
         else:
             loss = token_loss.mean()
+        if region_align > 0 and self.region is not None and boxes is not None and boxes.shape[0] > 0:
+            loss = loss + region_align * self.region_alignment_loss(image_embeds, boxes, box_batch, pixels, targets)
         return ChatSpotOutput(loss=loss, logits=logits, n_targets=int(select.sum()))
+
+    def region_alignment_loss(self, image_embeds: torch.Tensor, boxes: torch.Tensor, box_batch: torch.Tensor,
+                              pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Region-text alignment (ChatSpot's stage-1 alignment, for regions): each region embedding, read out
+        through the LLM's final norm and (tied) output head, should predict the tokens of its sample's answer
+        as a bag of words. It trains the region encoder directly and puts its output where the LLM reads
+        words, which breaks the start-up plateau where the LLM ignores a still-random region embedding.
+        targets: `[B, T-1]` next-token labels (IGNORE_INDEX outside answers)."""
+        region = self.encode_regions(image_embeds, boxes, box_batch, pixels)  # [R, d]
+        logp = torch.log_softmax(self.llm.lm_head(self.llm.model.norm(region)).float(), dim=-1)  # [R, V]
+        answer = targets[box_batch]  # [R, T-1]
+        keep = (answer != IGNORE_INDEX) & (answer != self.config.eos_token_id)
+        picked = torch.gather(logp, 1, answer.clamp(min=0)) * keep  # log p(answer token) per position
+        return -(picked.sum(1) / keep.sum(1).clamp(min=1)).mean()
 
     # -- greedy generation ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -54,7 +54,8 @@ class ChatSpotConfig:
     text: dict[str, Any]  # transformers LlamaConfig.to_dict() of the LLM
     projector: str = "mlp2x_gelu"  # "mlp2x_gelu" (LLaVA-1.5) or "linear"
     projector_bias: bool = True
-    region_token: bool = True  # one extra region embedding after every `</box>` (see model.region)
+    region_token: bool = True  # one extra region embedding per region (see model.region)
+    region_placement: str = "after_box"  # "after_box" or "before_answer" (referring.with_region_tokens)
     region_min_size: float = 0.0  # a region smaller than this (normalized) is grown to it; 0 = one grid cell
     image_token_id: int = -1
     box_start_id: int = -1

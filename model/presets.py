@@ -79,7 +79,8 @@ def efficientnet_vision(pool: int = 2) -> VisionConfig:
 
 def preset_config(preset: str, tokenizer, vision_pool: int = 2) -> ChatSpotConfig:
     common = dict(system_prompt=DEFAULT_SYSTEM, prompt_template=CHATML_TEMPLATE, assistant_end=CHATML_END,
-                  turn_template=CHATML_TURN, region_token=True, **_token_ids(tokenizer))
+                  turn_template=CHATML_TURN, region_token=True, region_placement="before_answer",
+                  **_token_ids(tokenizer))
     n_vocab = len(tokenizer)
     if preset == "tiny":
         text = LlamaConfig(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from chatspot_edge.model.config import ChatSpotConfig
 from chatspot_edge.model.prompt import PromptFormat, strip_image_token
 from chatspot_edge.model.chatspot import IGNORE_INDEX
-from chatspot_edge.referring import IMAGE_TOKEN, insert_region_tokens, region_boxes
+from chatspot_edge.referring import IMAGE_TOKEN, region_boxes, with_region_tokens
 
 Box = tuple[float, float, float, float]
 
@@ -44,14 +44,14 @@ class Processor:
         """Normalized boxes of the question's regions (a point is a zero-size box)."""
         return region_boxes(question) if self.config.region_token else []
 
-    def prepare_question(self, question: str) -> str:
-        """The question text as the model reads it (`<region>` after each `</box>` when enabled)."""
+    def render(self, question: str, render) -> str:
+        """`render(question)` with the `<region>` placeholders where the config puts them (if enabled)."""
         q = strip_image_token(question)
-        return insert_region_tokens(q) if self.config.region_token else q
+        return with_region_tokens(q, render, self.config.region_placement) if self.config.region_token else render(q)
 
     def encode_prompt(self, question: str) -> Encoded:
         """Ids of a full prompt for one question (generation starts right after)."""
-        text = self.prompt.render(self.prepare_question(question))
+        text = self.render(question, self.prompt.render)
         return Encoded(self._expand_image(self._ids(text)), None, self.question_boxes(question))
 
     def encode_conversation(self, conversations: list[dict]) -> Encoded:
@@ -68,9 +68,11 @@ class Processor:
             human, gpt = conversations[i], conversations[i + 1]
             if human.get("from") != "human" or gpt.get("from") != "gpt":
                 raise ValueError("conversations must alternate human / gpt turns")
-            q = self.prepare_question(human["value"])
             boxes += self.question_boxes(human["value"])
-            prompt_text = head + tail.format(question=q) if first else self.prompt.turn.format(question=q)
+            if first:
+                prompt_text = self.render(human["value"], lambda q: head + tail.format(question=q))
+            else:
+                prompt_text = self.render(human["value"], lambda q: self.prompt.turn.format(question=q))
             p = self._expand_image(self._ids(prompt_text))
             a = self._ids(gpt["value"] + end)
             ids += p + a

@@ -77,6 +77,7 @@ class Engine:
         self.resize = manifest["image"].get("resize", "bicubic")
         self.n_image_tokens = int(manifest["image"]["tokens"])
         self.region_token = bool(manifest["referring"].get("region_token"))
+        self.region_placement = manifest["referring"].get("placement", "after_box")
         self.stop = tuple(prompt.stop)
         self._embeds: OrderedDict[str, np.ndarray] = OrderedDict()
         self._image_cache = image_cache
@@ -269,12 +270,11 @@ class Session:
         eng = self.engine
         q = question.replace(referring.IMAGE_TOKEN, "").strip()
         boxes = referring.region_boxes(q) if eng.region_token else []
-        if eng.region_token:
-            q = referring.insert_region_tokens(q)
         if self.history and self.turns:
-            text = eng.prompt.turn.format(question=q)
+            render = lambda x: eng.prompt.turn.format(question=x)  # noqa: E731 - a later turn of a chat
         else:
-            text = eng.prompt.followup(q)
+            render = eng.prompt.followup
+        text = referring.with_region_tokens(q, render, eng.region_placement) if eng.region_token else render(q)
         parts = text.split(referring.REGION_TOKEN) if eng.region_token else [text]
         segs: list = []
         region_embeds = None

@@ -251,7 +251,9 @@ def test_image_and_region_embedding_injection_matches_torch(tiny, llama):
                     box_batch=torch.zeros(1, dtype=torch.long)).logits[0].numpy()
     segs = split_segments(enc.ids, {model.config.image_token_id: image_embeds[0].numpy(),
                                     model.config.region_token_id: region.numpy()})
-    assert [isinstance(s, np.ndarray) for s in segs] == [False, True, False, True, False]
+    kinds = [isinstance(s, np.ndarray) for s in segs]
+    # tokens, image rows, tokens, region row (+ tokens after it when the region follows its `</box>`)
+    assert kinds[:4] == [False, True, False, True] and kinds[4:] in ([], [False])
     llama.reset()
     got = llama.feed(segs, logits="all")
     assert got.shape == ref.shape

@@ -25,9 +25,13 @@ def test_encode_conversation(tiny):
     assert enc.ids.count(cfg.region_token_id) == 1 and enc.boxes == [(0.1, 0.2, 0.45, 0.61)]
     answer = [i for i, l in zip(enc.ids, enc.labels) if l != -100]
     assert tok.decode(answer) == "a red triangle<|im_end|>"
-    # the region placeholder follows </box>
+    # placement: the tiny preset puts the region embeddings just before the answer
     k = enc.ids.index(cfg.region_token_id)
-    assert enc.ids[k - 1] == cfg.box_end_id
+    assert cfg.region_placement == "before_answer" and enc.labels[k + 1] != -100 and enc.labels[k] == -100
+    cfg2 = type(cfg).from_dict({**cfg.to_dict(), "region_placement": "after_box"})
+    enc2 = Processor(tok, cfg2).encode_conversation(CONV)
+    k2 = enc2.ids.index(cfg.region_token_id)
+    assert enc2.ids[k2 - 1] == cfg.box_end_id and sorted(enc2.ids) == sorted(enc.ids)
 
 
 def test_forward_shapes_and_answer_only_loss(tiny):
@@ -122,3 +126,31 @@ def test_bad_checkpoint_is_input_error(tmp_path):
     (tmp_path / "config.json").write_text('{"preset": 1}')
     with pytest.raises(InputError):
         load_checkpoint(tmp_path)
+
+
+def test_crop_boxes_samples_inside_the_box():
+    from chatspot_edge.model.region import crop_boxes
+
+    img = torch.zeros(1, 3, 64, 64)
+    img[:, 0, 16:32, 32:48] = 1.0  # a red square: x 32..48, y 16..32
+    boxes = torch.tensor([[0.5, 0.25, 0.75, 0.5], [0.0, 0.5, 0.25, 1.0], [0.625, 0.375, 0.625, 0.375]])
+    crops = crop_boxes(img.expand(3, -1, -1, -1), boxes, size=8, min_size=0.125)
+    assert torch.allclose(crops[0, 0], torch.ones(8, 8))  # the whole crop is the square
+    assert crops[1].abs().max() == 0  # elsewhere nothing
+    assert torch.allclose(crops[2, 0], torch.ones(8, 8))  # a point inside grows to a box inside the square
+
+
+def test_region_alignment_loss_trains_the_region_encoder(tiny):
+    model, tok = tiny
+    enc = Processor(tok, model.config).encode_conversation(CONV)
+    px = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)
+    args = dict(pixels=px, boxes=torch.tensor(enc.boxes), box_batch=torch.tensor([0]), labels=torch.tensor([enc.labels]))
+    model.zero_grad()
+    base = model(torch.tensor([enc.ids]), **args).loss
+    total = model(torch.tensor([enc.ids]), region_align=1.0, **args).loss
+    assert total > base  # a positive extra term
+    (total - base).backward()
+    assert model.region.appearance[0].weight.grad.abs().sum() > 0
+    assert model.llm.model.layers[0].mlp.up_proj.weight.grad is None or \
+        model.llm.model.layers[0].mlp.up_proj.weight.grad.abs().sum() == 0  # it reads through norm + head only
+    model.zero_grad()

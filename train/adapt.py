@@ -66,6 +66,8 @@ class AdaptOptions:
     warmup: float = 0.05  # fraction of stage-2 steps
     max_tokens: int = 320  # longer samples are truncated (answers are short)
     per_sample_loss: bool = True  # average the loss within each sample first (tasks weigh alike)
+    region_align: float = 1.0  # weight of the region-text alignment loss (model.region_alignment_loss)
+    region_placement: str | None = None  # override the preset's: "after_box" or "before_answer"
     init: Path | None = None  # start from an existing checkpoint instead of the preset
     blocks: str | None = None  # mini: which SmolLM2 blocks to keep, e.g. "0,6,12,18,24,29"
     lr_llm: float | None = None  # override the preset's LLM (transformer blocks) learning rate
@@ -230,6 +232,8 @@ def _build_model(opts: AdaptOptions):
     if not opts.region_token:
         model.config.region_token = False
         model.region = None
+    if opts.region_placement:
+        model.config.region_placement = opts.region_placement
     return model, tok
 
 
@@ -312,7 +316,7 @@ def adapt(opts: AdaptOptions) -> dict:
             sync = contextlib.nullcontext() if (last or not distributed) else fwd.no_sync()
             with sync:
                 with autocast:
-                    out = fwd(features, per_sample=opts.per_sample_loss, **batch)
+                    out = fwd(features, per_sample=opts.per_sample_loss, region_align=opts.region_align, **batch)
                 (out.loss / opts.grad_accum).backward()
             total_loss += float(out.loss.detach()) / opts.grad_accum
             n_tok += int(batch["attention_mask"].sum())
