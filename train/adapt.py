@@ -1,6 +1,9 @@
 """Referring-instruction tuning (train-adapt), ChatSpot's two-stage recipe, readable top to bottom.
 
-Stage 1: only the projector (and region encoder) learn, on image-level samples (caption, counting), LR 2e-3.
+Stage 1 (alignment): only the projector and the region encoder learn (LR 2e-3; the LLM is frozen), on every
+sample, with the answer loss plus the region-text alignment loss: the region embeddings become informative
+before the LLM starts to adapt (ChatSpot's stage 1 aligns the projector on image-level data alone; with
+that alone the LLM sat on the answer-prior plateau here, ignoring a still-random region embedding).
 Stage 2: the vision encoder stays frozen; projector + region encoder (LR 2e-3) and the LLM (LR 1e-4; full
 fine-tune, or LoRA adapters with --lora) learn on every task. Loss on answer tokens only, bf16 autocast on
 CPU, gradient accumulation, warmup + cosine schedule.
@@ -37,11 +40,10 @@ from chatspot_edge.model.checkpoint import save_checkpoint
 from chatspot_edge.model.preprocess import resize_pixels
 from chatspot_edge.model.processor import Processor
 
-IMAGE_LEVEL_TASKS = ("image_caption", "counting")
 PRESET_DEFAULTS = {  # batch size, stage-2 minutes, stage-1 steps, LLM LR, projector LR
     "tiny": dict(batch_size=4, minutes=1.0, stage1_steps=2, lr_llm=1e-3, lr_proj=2e-3),
-    "mini": dict(batch_size=16, minutes=9.0, stage1_steps=30, lr_llm=3e-4, lr_proj=2e-3),
-    "smol": dict(batch_size=16, minutes=60.0, stage1_steps=60, lr_llm=1e-4, lr_proj=2e-3),
+    "mini": dict(batch_size=16, minutes=8.0, stage1_steps=150, lr_llm=3e-4, lr_proj=2e-3),
+    "smol": dict(batch_size=16, minutes=60.0, stage1_steps=200, lr_llm=1e-4, lr_proj=2e-3),
 }
 
 
@@ -281,9 +283,8 @@ def adapt(opts: AdaptOptions) -> dict:
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.to(device)
     proc = Processor(tok, model.config)
-    image_level = [r for r in records if r.get("task") in IMAGE_LEVEL_TASKS] or records
     data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, opts.max_tokens)
-    data1 = Batches(image_level, opts.data, proc, model.config.vision.image_size, opts.seed + 1, opts.max_tokens)
+    data1 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed + 1, opts.max_tokens)
     data1._pixels = data2._pixels  # one image cache
 
     state_dir = opts.out.with_name(opts.out.name + ".train-state")
