@@ -193,8 +193,8 @@ def measure_runtime(job: dict, log) -> dict:
                 text = s.ask(q, max_tokens=max_tokens, stream=False, **region)
                 tm = s.timings
                 n_tok += tm.n_generated
-                if tm.n_generated > 1:
-                    gen += tm.n_generated - 1
+                if tm.n_decoded > 0:  # one llama.cpp decode per generated token (see runtime Timings)
+                    gen += tm.n_decoded
                     dec_ms += tm.decode_ms
                 if r == 0:
                     answers.append(text)

@@ -38,7 +38,8 @@ QUANTIZED_PREFIXES = ("Q", "IQ", "TQ")
 
 @dataclass
 class Timings:
-    """Milliseconds of the last answer; `decode_tok_s` over the generated tokens after the first."""
+    """Milliseconds of the last answer. `decode_tok_s` = llama.cpp decode calls / decode time: each generated
+    token is decoded once to produce the next (the last one produces the end-of-turn token)."""
 
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
@@ -46,12 +47,13 @@ class Timings:
     decode_ms: float = 0.0
     n_prompt: int = 0
     n_generated: int = 0
+    n_decoded: int = 0
     image_cached: bool = False
     overhead_ms: float = 0.0  # Python time outside llama.cpp / onnxruntime calls
 
     @property
     def decode_tok_s(self) -> float:
-        return (self.n_generated - 1) / (self.decode_ms / 1e3) if self.n_generated > 1 and self.decode_ms > 0 else 0.0
+        return self.n_decoded / (self.decode_ms / 1e3) if self.n_decoded > 0 and self.decode_ms > 0 else 0.0
 
 
 def _variant(entries: dict, default: dict, name: str | None, what: str) -> dict:
@@ -340,6 +342,7 @@ class Session:
             n1 = time.perf_counter()
             pos = llm.decode_tokens([tok], slot, pos)
             tok = llm.sample(temperature, rng)
+            t.n_decoded += 1
             native += time.perf_counter() - n1
         if not stopped or _stop_at(text, eng.stop) is None:
             text += utf8.decode(b"", final=True)
