@@ -49,11 +49,25 @@ class Timings:
     n_generated: int = 0
     n_decoded: int = 0
     image_cached: bool = False
-    overhead_ms: float = 0.0  # Python time outside llama.cpp / onnxruntime calls
+    overhead_ms: float = 0.0  # Python time outside llama.cpp / onnxruntime calls (consumer time excluded)
 
     @property
     def decode_tok_s(self) -> float:
         return self.n_decoded / (self.decode_ms / 1e3) if self.n_decoded > 0 and self.decode_ms > 0 else 0.0
+
+
+class _NativeClock:
+    """Accumulates the time spent inside llama.cpp / onnxruntime calls: `clock(fn, *args)` calls and times."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self, fn, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t
 
 
 def _variant(entries: dict, default: dict, name: str | None, what: str) -> dict:
@@ -256,18 +270,19 @@ class Session:
         self._prefix_len = self._len = 0
 
     # -- internals ---------------------------------------------------------------------------------------
-    def _ensure_prefix(self, slot: int, t: Timings) -> None:
+    def _ensure_prefix(self, slot: int, t: Timings, clock: _NativeClock) -> None:
         eng = self.engine
         if self._embeds is None:
             self._embeds, t.image_cached, t.vision_ms = eng.image_embeddings(self.pixels)
+            clock.seconds += t.vision_ms / 1e3
         if self._prefix_len and self._len >= self._prefix_len:
             return
-        pos = eng.llm.decode_tokens(eng._head_tokens, slot, 0, logits_last=False)
-        pos = eng.llm.decode_embeddings(self._embeds, slot, pos)
+        pos = clock(eng.llm.decode_tokens, eng._head_tokens, slot, 0, logits_last=False)
+        pos = clock(eng.llm.decode_embeddings, self._embeds, slot, pos)
         self._prefix_len = self._len = pos
         t.n_prompt += pos
 
-    def _segments(self, question: str) -> tuple[list[list[int] | np.ndarray], list]:
+    def _segments(self, question: str, clock: _NativeClock) -> tuple[list[list[int] | np.ndarray], list]:
         """Question -> alternating token lists and region-embedding rows (text after the cached prefix)."""
         eng = self.engine
         q = question.replace(referring.IMAGE_TOKEN, "").strip()
@@ -281,10 +296,10 @@ class Session:
         segs: list = []
         region_embeds = None
         if boxes:
-            region_embeds = eng.region(self._embeds, np.asarray(boxes, dtype=np.float32), self.pixels)
+            region_embeds = clock(eng.region, self._embeds, np.asarray(boxes, dtype=np.float32), self.pixels)
         for i, part in enumerate(parts):
             if part:
-                segs.append(eng.llm.tokenize(part))
+                segs.append(clock(eng.llm.tokenize, part))
             if i < len(parts) - 1:
                 segs.append(region_embeds[i:i + 1])
         return segs, boxes
@@ -293,15 +308,16 @@ class Session:
         eng, llm = self.engine, self.engine.llm
         t0 = time.perf_counter()
         t = Timings()
-        native = 0.0
+        clock = _NativeClock()  # time inside llama.cpp / onnxruntime
+        paused = 0.0  # time the consumer held the generator at a `yield`
         slot = eng._acquire(self)
         if not self.history or not self.turns:
             if self._prefix_len and self._len > self._prefix_len:
-                llm.seq_rm(slot, self._prefix_len, -1)  # drop the previous question's tail, keep the image
+                clock(llm.seq_rm, slot, self._prefix_len, -1)  # drop the previous question's tail, keep the image
                 self._len = self._prefix_len
         n0 = time.perf_counter()
-        self._ensure_prefix(slot, t)
-        segs, _ = self._segments(question)
+        self._ensure_prefix(slot, t, clock)
+        segs, _ = self._segments(question, clock)
         n_new = sum(len(s) for s in segs)
         if self._len + n_new + max_tokens > llm.n_ctx:
             raise InputError(f"the question needs {self._len + n_new + max_tokens} context positions "
@@ -310,13 +326,12 @@ class Session:
         for i, seg in enumerate(segs):
             last = i == len(segs) - 1
             if isinstance(seg, np.ndarray):
-                pos = llm.decode_embeddings(seg, slot, pos, logits_last=last)
+                pos = clock(llm.decode_embeddings, seg, slot, pos, logits_last=last)
             else:
-                pos = llm.decode_tokens(seg, slot, pos, logits_last=last)
+                pos = clock(llm.decode_tokens, seg, slot, pos, logits_last=last)
         t.n_prompt += n_new
         rng = np.random.default_rng(seed)
-        tok = llm.sample(temperature, rng)
-        native += time.perf_counter() - n0
+        tok = clock(llm.sample, temperature, rng)
         t.prefill_ms = (time.perf_counter() - n0) * 1e3 - t.vision_ms
         t.ttft_ms = (time.perf_counter() - t0) * 1e3
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # holds back a character split across tokens
@@ -325,10 +340,10 @@ class Session:
         t_dec = time.perf_counter()
         stopped = False
         for step in range(max_tokens):
-            if llm.is_eog(tok):
+            if clock(llm.is_eog, tok):
                 stopped = True
                 break
-            text += utf8.decode(llm.piece(tok))
+            text += utf8.decode(clock(llm.piece, tok))
             t.n_generated += 1
             cut = _stop_at(text, eng.stop)
             if cut is not None:
@@ -337,26 +352,25 @@ class Session:
                 break
             safe = len(text) - _stop_prefix_len(text, eng.stop)  # a tail that may begin a stop string waits
             if safe > emitted:
+                y = time.perf_counter()
                 yield text[emitted:safe]
+                paused += time.perf_counter() - y
                 emitted = safe
-            n1 = time.perf_counter()
-            pos = llm.decode_tokens([tok], slot, pos)
-            tok = llm.sample(temperature, rng)
+            pos = clock(llm.decode_tokens, [tok], slot, pos)
+            tok = clock(llm.sample, temperature, rng)
             t.n_decoded += 1
-            native += time.perf_counter() - n1
         if not stopped or _stop_at(text, eng.stop) is None:
             text += utf8.decode(b"", final=True)
         if len(text) > emitted:
+            y = time.perf_counter()
             yield text[emitted:]
-        t.decode_ms = (time.perf_counter() - t_dec) * 1e3
-        if self.history:
-            if stopped:  # the closing token belongs to the conversation
-                pos = llm.decode_tokens([tok], slot, pos, logits_last=False)
-            self._len = pos
-        else:
-            self._len = pos
+            paused += time.perf_counter() - y
+        t.decode_ms = (time.perf_counter() - t_dec - paused) * 1e3
+        if self.history and stopped:  # the closing token belongs to the conversation
+            pos = clock(llm.decode_tokens, [tok], slot, pos, logits_last=False)
+        self._len = pos
         self.turns.append(_Turn(question, text))
-        t.overhead_ms = max(0.0, (time.perf_counter() - t0 - native) * 1e3 - t.vision_ms)
+        t.overhead_ms = (time.perf_counter() - t0 - paused - clock.seconds) * 1e3
         self.timings = t
 
 
