@@ -42,7 +42,7 @@ from chatspot_edge.model.processor import Processor
 
 PRESET_DEFAULTS = {  # batch size, stage-2 minutes, stage-1 steps, LLM LR, projector LR
     "tiny": dict(batch_size=4, minutes=1.0, stage1_steps=2, lr_llm=1e-3, lr_proj=2e-3),
-    "mini": dict(batch_size=16, minutes=8.0, stage1_steps=150, lr_llm=3e-4, lr_proj=2e-3),
+    "mini": dict(batch_size=16, minutes=7.5, stage1_steps=150, lr_llm=3e-4, lr_proj=2e-3),  # ~10 min in all
     "smol": dict(batch_size=16, minutes=60.0, stage1_steps=200, lr_llm=1e-4, lr_proj=2e-3),
 }
 
