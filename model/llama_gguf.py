@@ -8,7 +8,7 @@ names come from `gguf.get_tensor_name_map`, and q/k rows are permuted between Hu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gguf
 import numpy as np

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from chatspot_edge.model.config import ChatSpotConfig
 from chatspot_edge.model.prompt import PromptFormat, strip_image_token
 from chatspot_edge.model.chatspot import IGNORE_INDEX
-from chatspot_edge.referring import IMAGE_TOKEN, region_boxes, with_region_tokens
+from chatspot_edge.referring import region_boxes, with_region_tokens
 
 Box = tuple[float, float, float, float]
 
@@ -90,6 +90,3 @@ class Processor:
             ids += self._ids(self.config.assistant_end)[:1]
         return tuple(sorted(set(i for i in ids if i is not None and i >= 0)))
 
-
-def has_image(text: str) -> bool:
-    return IMAGE_TOKEN in text

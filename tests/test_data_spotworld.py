@@ -258,7 +258,7 @@ def test_loader_rejects_malformed_lines(tmp_path, line, message):
     (tmp_path / "train.jsonl").write_text(json.dumps(good) + "\n" + line + "\n")
     with pytest.raises(InputError, match=message) as e:
         load_split(tmp_path, "train")
-    assert f"train.jsonl:2" in str(e.value)
+    assert "train.jsonl:2" in str(e.value)
 
 
 def test_loader_missing_split(tmp_path):

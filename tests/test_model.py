@@ -3,7 +3,6 @@ import torch
 from chatspot_edge.model.checkpoint import load_checkpoint, save_checkpoint
 from chatspot_edge.model.processor import Processor
 from chatspot_edge.model.region import box_cell_weights
-from chatspot_edge.referring import IMAGE_TOKEN, REGION_TOKEN
 
 CONV = [{"from": "human", "value": "<image>\nWhat is in <box>[0.100,0.200,0.450,0.610]</box>?"},
         {"from": "gpt", "value": "a red triangle"}]
