@@ -105,80 +105,13 @@ def quantize_gguf(src: str | Path, dst: str | Path, quant: str, threads: int | N
                            f"set CHATSPOT_LLAMA_LOG=1 for llama.cpp's log")
 
 
-_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
 
 
 def gguf_tensors(path: str | Path) -> list[dict[str, Any]]:
-    """[{name, type, shape (ggml order: row size first), params, bytes}] of a GGUF's tensors.
+    """[{name, type, shape (ggml order: row size first), params, bytes}] of a GGUF's tensors (header only)."""
+    from chatspot_edge.runtime.gguf_header import read_gguf_header
 
-    Reads the header only (gguf.GGUFReader builds a numpy view per tokenizer entry: seconds per file)."""
-    import struct
-
-    import gguf
-
-    with open(path, "rb") as f:
-        buf = memoryview(f.read(1 << 20))
-        pos = 0
-
-        def need(n: int) -> None:
-            nonlocal buf
-            if pos + n > len(buf):  # the header is larger than the first read: read it all
-                f.seek(0)
-                buf = memoryview(f.read(max(2 * len(buf), pos + n + (1 << 20))))
-
-        def take(fmt: str):
-            nonlocal pos
-            size = struct.calcsize("<" + fmt)
-            need(size)
-            v = struct.unpack_from("<" + fmt, buf, pos)
-            pos += size
-            return v if len(v) > 1 else v[0]
-
-        def skip_string() -> None:
-            nonlocal pos
-            n = take("Q")
-            need(n)
-            pos += n
-
-        def skip_value(vtype: int) -> None:
-            nonlocal pos
-            if vtype in _SCALAR:
-                need(_SCALAR[vtype])
-                pos += _SCALAR[vtype]
-            elif vtype == 8:
-                skip_string()
-            elif vtype == 9:
-                etype, count = take("IQ")
-                if etype in _SCALAR:
-                    need(_SCALAR[etype] * count)
-                    pos += _SCALAR[etype] * count
-                else:
-                    for _ in range(count):
-                        skip_value(etype)
-            else:
-                raise ValueError(f"{path}: unknown GGUF value type {vtype}")
-
-        magic, version, n_tensors, n_kv = take("4sIQQ")
-        if magic != b"GGUF" or version < 2:
-            raise ValueError(f"{path}: not a GGUF v2+ file")
-        for _ in range(n_kv):
-            skip_string()
-            skip_value(take("I"))
-        out = []
-        for _ in range(n_tensors):
-            n = take("Q")
-            need(n)
-            name = bytes(buf[pos:pos + n]).decode()
-            pos += n
-            n_dims = take("I")
-            dims = [int(take("Q")) for _ in range(n_dims)]
-            qtype = gguf.GGMLQuantizationType(take("I"))
-            take("Q")  # data offset
-            params = int(np.prod(dims)) if dims else 1
-            blk, size = gguf.GGML_QUANT_SIZES[qtype]
-            out.append({"name": name, "type": qtype.name, "shape": dims, "params": params,
-                        "bytes": params // blk * size})
-    return out
+    return read_gguf_header(path).tensors
 
 
 def block_size(type_name: str) -> int:
@@ -236,7 +169,6 @@ def tensor_errors(src: str | Path, quantized: str | Path, top: int = 12) -> list
     """Relative weight error ||W - deq(Q(W))|| / ||W|| of each quantized matrix (numpy dequantization with the
     gguf package): the cheap, static view of which tensors lose most. Largest first."""
     import gguf
-    import numpy as np
 
     a = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
     out = []
