@@ -12,7 +12,7 @@ import json
 import math
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Iterable
 
 from chatspot_edge.errors import BundleError
 from chatspot_edge.files import atomic_write_text, file_sha256
@@ -140,12 +140,17 @@ def read_manifest(bundle: str | Path) -> dict[str, Any]:
     return m
 
 
-def verify_bundle(bundle: str | Path) -> dict[str, Any]:
+def verify_bundle(bundle: str | Path, only: Iterable[str] | None = None) -> dict[str, Any]:
     """Validate the manifest and every listed file (presence, size, sha256); no unlisted files besides
-    dot-files. Returns the manifest; raises BundleError with one line on the first problem."""
+    dot-files. With `only` (file names, or folder prefixes such as "vision.mlpackage/"), hash just those:
+    what a runtime is about to load. Returns the manifest; raises BundleError with one line on the first
+    problem."""
     bundle = Path(bundle)
     m = read_manifest(bundle)
+    wanted = None if only is None else tuple(only)
     for name, entry in m["files"].items():
+        if wanted is not None and not any(name == w or name.startswith(w.rstrip("/") + "/") for w in wanted):
+            continue
         p = bundle / name
         if not p.is_file():
             raise _fail(bundle, f"missing file {name}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -107,18 +106,21 @@ class Engine:
     def load(cls, bundle: str | Path, threads: int | None = None, llm: str | None = None, vision: str | None = None,
              vision_backend: str = "onnxruntime", n_ctx: int | None = None, max_sessions: int = 4,
              image_cache: int = 32, verify: bool = True, f32_kv: bool = False) -> "Engine":
-        bundle = Path(bundle)
-        if verify:
-            from chatspot_edge.export.manifest import verify_bundle
+        from chatspot_edge.export.manifest import read_manifest, verify_bundle
 
-            manifest = verify_bundle(bundle)
-        else:
-            try:
-                manifest = json.loads((bundle / "manifest.json").read_text())
-            except (OSError, ValueError) as e:
-                raise BundleError(f"{bundle}: unreadable manifest.json ({e})") from None
+        bundle = Path(bundle)
+        manifest = read_manifest(bundle)  # structure; checksums below for the files this engine loads
         llm_entry = _variant(manifest.get("llm_variants", {}), manifest["llm"], llm, "LLM")
         vis_entry = _variant(manifest.get("vision_variants", {}), manifest["vision"], vision, "vision")
+        if vision_backend == "coreml":
+            coreml = vis_entry.get("coreml") or manifest.get("vision", {}).get("coreml") or "vision.mlpackage"
+            vis_file = coreml if isinstance(coreml, str) else coreml["file"]
+        else:
+            vis_file = vis_entry["file"]
+        if verify:
+            used = [llm_entry["file"], vis_file] + ([manifest["referring"]["graph"]]
+                                                    if manifest["referring"].get("region_token") else [])
+            verify_bundle(bundle, only=used)
         gguf_path = bundle / llm_entry["file"]
         arch = gguf_architecture(gguf_path)
         if arch != "llama":
@@ -130,10 +132,9 @@ class Engine:
         if model.n_embd != int(llm_entry.get("n_embd", model.n_embd)):
             raise BundleError(f"{gguf_path}: n_embd {model.n_embd} != manifest {llm_entry['n_embd']}")
         if vision_backend == "onnxruntime":
-            vis = OnnxVision(bundle / vis_entry["file"], threads=model.threads)
+            vis = OnnxVision(bundle / vis_file, threads=model.threads)
         elif vision_backend == "coreml":
-            coreml = vis_entry.get("coreml") or manifest.get("vision", {}).get("coreml") or "vision.mlpackage"
-            vis = CoreMLVision(bundle / (coreml if isinstance(coreml, str) else coreml["file"]))
+            vis = CoreMLVision(bundle / vis_file)
         else:
             raise InputError(f"unknown vision backend {vision_backend!r} (onnxruntime or coreml)")
         width = (vis.output_shape or [None])[-1]
