@@ -102,11 +102,7 @@ def export_region_onnx(model, path: str | Path, opset: int = OPSET) -> dict[str,
 
 
 def onnx_session(path: str | Path, threads: int = 2):
-    import onnxruntime as ort
+    """The runtime's onnxruntime session (`runtime.vision.cpu_session`), for parity checks."""
+    from chatspot_edge.runtime.vision import cpu_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    # no busy-waiting worker threads after a run: they would compete with llama.cpp for the same cores
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return cpu_session(path, threads)

@@ -10,18 +10,14 @@ and the greedy answer of the whole chain vs torch `generate`.
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see llama_check: torch + llama.cpp on few cores
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 def _rel(got: np.ndarray, ref: np.ndarray) -> float:

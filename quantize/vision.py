@@ -197,16 +197,10 @@ def to_int8_static(src: str | Path, dst: str | Path, images: Sequence[np.ndarray
 
 
 def session(path: str | Path, threads: int = 2):
-    """An onnxruntime CPU session as the runtime makes it (full graph optimization, no spinning workers)."""
-    import onnxruntime as ort
+    """An onnxruntime CPU session as the runtime makes it (`runtime.vision.cpu_session`)."""
+    from chatspot_edge.runtime.vision import cpu_session
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return cpu_session(path, threads)
 
 
 def embed(sess, images: Sequence[np.ndarray]) -> np.ndarray:

@@ -14,21 +14,31 @@ import numpy as np
 from chatspot_edge.errors import BundleError, InputError
 
 
+def cpu_session(path: str | Path, threads: int | None = 2):
+    """An onnxruntime CPU session as the runtime uses it (full graph optimization, `threads` intra-op
+    threads, no busy-waiting workers: they would compete with llama.cpp for the same cores)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _load(path: Path, threads: int | None):
+    try:
+        return cpu_session(path, threads)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
+
+
 class OnnxVision:
     def __init__(self, path: Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        # no busy-waiting worker threads after a run: they would compete with llama.cpp for the same cores
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
+        self.session = _load(path, threads)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
@@ -62,16 +72,7 @@ class OnnxRegion:
     -> region_embeds `[R, d]`. Inputs are fed by name."""
 
     def __init__(self, path: Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001
-            raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
+        self.session = _load(path, threads)
         self.names = [i.name for i in self.session.get_inputs()]
         self.output = self.session.get_outputs()[0].name
 

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-# torch's libgomp and llama.cpp's libgomp both busy-wait by default: on 2 cores that makes a llama.cpp step
-# ~100x slower next to torch. Must be set before torch loads (tests/conftest.py would be the better place).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import json
 import shutil
 import subprocess
