@@ -30,31 +30,29 @@ CONV_OPS = ("Conv", "ConvInteger", "QLinearConv", "FusedConv", "NhwcConv")
 
 def gguf_stats(path: str | Path) -> dict[str, Any]:
     """Shapes and byte counts of a llama GGUF: what decode reads per token, what prefill computes per token."""
-    import gguf
+    from chatspot_edge.runtime.gguf_header import read_gguf_header
 
-    r = gguf.GGUFReader(str(path))
+    h = read_gguf_header(path)  # header only: no pass over the vocabulary arrays
 
     def field(key, default=None):
-        f = r.get_field(key)
-        return f.contents() if f is not None else default
+        return h.kv.get(key, default)
 
     arch = field("general.architecture", "llama")
     n_layer = int(field(f"{arch}.block_count", 0))
     n_embd = int(field(f"{arch}.embedding_length", 0))
     n_head = int(field(f"{arch}.attention.head_count", 1))
     n_head_kv = int(field(f"{arch}.attention.head_count_kv", n_head))
-    tensors = {t.name: t for t in r.tensors}
-    total_bytes = sum(int(t.n_bytes) for t in r.tensors)
+    tensors = {t["name"]: t for t in h.tensors}
+    total_bytes = sum(t["bytes"] for t in h.tensors)
     emb = tensors.get("token_embd.weight")
     tied = "output.weight" not in tensors
-    n_vocab = int(emb.shape[-1]) if emb is not None else int(field(f"{arch}.vocab_size", 0))
-    emb_bytes = int(emb.n_bytes) if emb is not None else 0
+    n_vocab = int(emb["shape"][-1]) if emb is not None else int(field(f"{arch}.vocab_size", 0))
+    emb_bytes = int(emb["bytes"]) if emb is not None else 0
     weights_read = total_bytes if tied else total_bytes - emb_bytes + (emb_bytes // max(n_vocab, 1))
-    params_ex = sum(int(t.n_elements) for n, t in tensors.items() if n not in ("token_embd.weight", "output.weight"))
-    types = {}
-    for t in r.tensors:
-        name = t.tensor_type.name
-        types[name] = types.get(name, 0) + int(t.n_bytes)
+    params_ex = sum(t["params"] for n, t in tensors.items() if n not in ("token_embd.weight", "output.weight"))
+    types: dict[str, int] = {}
+    for t in h.tensors:
+        types[t["type"]] = types.get(t["type"], 0) + t["bytes"]
     return {
         "file_bytes": Path(path).stat().st_size, "tensor_bytes": total_bytes, "decode_weight_bytes": weights_read,
         "embedding_bytes": emb_bytes, "tied_embeddings": tied, "params_excluding_embeddings": params_ex,
