@@ -127,9 +127,9 @@ def polygon(points: Iterable[Sequence[float]] | Sequence[float], width: int, hei
         raise InputError(f"polygon: needs at least 3 points, got {len(flat) // 2}")
     xy = _check_finite(flat, "polygon")
     norm = _normalize(xy, width, height, "polygon", clip)
-    xs, ys = norm[0::2], norm[1::2]
-    if max(xs) - min(xs) <= 0 or max(ys) - min(ys) <= 0:
-        raise InputError("polygon: degenerate polygon (all points on one line)")
+    xs, ys = [round(v, DECIMALS) for v in norm[0::2]], [round(v, DECIMALS) for v in norm[1::2]]
+    if max(xs) - min(xs) <= 0 or max(ys) - min(ys) <= 0:  # as written (3 decimals), it would be a line
+        raise InputError(f"polygon: degenerate (no extent in x or y at {FORMAT_NAME}'s 1/1000 resolution)")
     return Region("polygon", norm)
 
 
