@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from chatspot_edge.errors import InputError
+from chatspot_edge.export.manifest import find_variant, variant_entries
 
 DEFAULT_REPEATS = 5
 WORKER_TIMEOUT_S = 3600
@@ -32,34 +33,10 @@ QUANTIZED_PREFIXES = ("Q", "IQ", "TQ")
 # -- variants -------------------------------------------------------------------------------------------------
 
 
-def _entries(manifest: dict, key: str, default_key: str, tag: str) -> list[tuple[str, dict, bool]]:
-    """[(name, entry, is_default)] for the default entry and every `<key>` variant (dict or list form)."""
-    default = manifest[default_key]
-    out = [(str(default.get(tag) or "default"), default, True)]
-    extra = manifest.get(key) or {}
-    items = extra.items() if isinstance(extra, dict) else ((None, e) for e in extra)
-    for k, e in items:
-        if not isinstance(e, dict):
-            continue
-        name = str(e.get(tag) or k)
-        if e.get("file") == default.get("file") or any(name.lower() == n.lower() for n, _, _ in out):
-            continue
-        out.append((name, e, False))
-    return out
-
-
-def _find(entries: list[tuple[str, dict, bool]], name: str, what: str) -> tuple[str, dict, bool]:
-    for e in entries:
-        if name.lower() in (e[0].lower(), "default" if e[2] else "\0"):
-            return e
-    raise InputError(f"bundle has no {what} variant {name!r} (has: {', '.join(n for n, _, _ in entries)})")
-
-
 def resolve_variants(manifest: dict, spec: str | Sequence[str] | None) -> list[dict[str, Any]]:
     """The variants to run: `spec` "LLM[:VISION],..." (names are quant / precision tags, or "default"), or by
     default the default pair plus every LLM variant x (default vision, int8 vision where present)."""
-    llms = _entries(manifest, "llm_variants", "llm", "quant")
-    visions = _entries(manifest, "vision_variants", "vision", "precision")
+    llms, visions = variant_entries(manifest, "llm"), variant_entries(manifest, "vision")
     pairs: list[tuple[tuple, tuple]] = []
     if spec:
         items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -67,7 +44,7 @@ def resolve_variants(manifest: dict, spec: str | Sequence[str] | None) -> list[d
             if not item:
                 continue
             llm_name, _, vis_name = item.partition(":")
-            pairs.append((_find(llms, llm_name or "default", "LLM"), _find(visions, vis_name or "default", "vision")))
+            pairs.append((find_variant(manifest, "llm", llm_name or None), find_variant(manifest, "vision", vis_name or None)))
         if not pairs:
             raise InputError(f"--variants {spec!r}: no variant named")
     else:

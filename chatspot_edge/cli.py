@@ -60,6 +60,9 @@ def adapt(
     lr_embed: Optional[float] = typer.Option(None, "--lr-embed", help="learning rate of the token embeddings"),
     region_align: float = typer.Option(1.0, "--region-align", help="weight of the region-text alignment loss"),
     region_placement: Optional[str] = typer.Option(None, "--region-placement", help="after_box or before_answer"),
+    warm_start: Optional[Path] = typer.Option(None, "--warm-start",
+                                              help="copy projector, region encoder and added-token embeddings "
+                                                   "from this checkpoint (same vision encoder and hidden size)"),
 ) -> None:
     """Referring-instruction tuning (ChatSpot's two stages): projector alignment, then projector + LLM."""
     from chatspot_edge.train.adapt import AdaptOptions, adapt as run_adapt
@@ -69,7 +72,7 @@ def adapt(
                         eval_samples=eval_samples,
                         save_every=save_every, resume=resume, lora=lora, seed=seed, vision_pool=vision_pool,
                         region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed,
-                        region_align=region_align, region_placement=region_placement)
+                        region_align=region_align, region_placement=region_placement, warm_start=warm_start)
     run_adapt(opts)
 
 
@@ -81,11 +84,13 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, help="evaluate the first N test records only"),
     batch_size: int = typer.Option(16, "--batch-size"),
     split: str = typer.Option("test"),
+    llm: Optional[str] = typer.Option(None, "--llm", help="bundle: LLM variant (e.g. Q4_K_M; default: the manifest's)"),
+    vision: Optional[str] = typer.Option(None, "--vision", help="bundle: vision variant (e.g. int8)"),
 ) -> None:
     """ChatSpot evaluation protocol (SPEC section 6) on a checkpoint or a bundle."""
     from chatspot_edge.evaluation import evaluate_path
 
-    result = evaluate_path(model, data, out, split=split, limit=limit, batch_size=batch_size)
+    result = evaluate_path(model, data, out, split=split, limit=limit, batch_size=batch_size, llm=llm, vision=vision)
     for k, v in result["metrics"].items():
         typer.echo(f"{k:>20}: {'-' if v is None else f'{v:.4f}'}")
 

@@ -11,13 +11,17 @@ from chatspot_edge.evaluation.protocol import METRIC_KEYS, Answerer, Request, ev
 __all__ = ["METRIC_KEYS", "Answerer", "Request", "evaluate", "evaluate_path", "make_answerer"]
 
 
-def make_answerer(model_path: Path, batch_size: int = 16) -> Answerer:
-    """A checkpoint folder -> TorchAnswerer; a bundle folder (manifest.json) -> the runtime's answerer."""
+def make_answerer(model_path: Path, batch_size: int = 16, llm: str | None = None,
+                  vision: str | None = None) -> Answerer:
+    """A checkpoint folder -> TorchAnswerer; a bundle folder (manifest.json) -> the runtime's answerer, with
+    the bundle's LLM / vision variants `llm` / `vision` (default: the manifest's defaults)."""
     model_path = Path(model_path)
     if (model_path / "manifest.json").is_file():
         from chatspot_edge.runtime import BundleAnswerer
 
-        return BundleAnswerer(model_path)
+        return BundleAnswerer(model_path, llm=llm, vision=vision)
+    if llm or vision:
+        raise InputError(f"{model_path}: --llm / --vision choose variants of a bundle, not of a checkpoint")
     from chatspot_edge.evaluation.answerers import TorchAnswerer
     from chatspot_edge.model.checkpoint import load_checkpoint
 
@@ -26,7 +30,7 @@ def make_answerer(model_path: Path, batch_size: int = 16) -> Answerer:
 
 
 def evaluate_path(model_path: Path, data: Path, out: Path, split: str = "test", limit: int | None = None,
-                  batch_size: int = 16, seed: int = 0) -> dict:
+                  batch_size: int = 16, seed: int = 0, llm: str | None = None, vision: str | None = None) -> dict:
     from chatspot_edge.data import load_image, load_split
     from chatspot_edge.files import atomic_write_text
     from chatspot_edge.progress import task_progress
@@ -36,9 +40,11 @@ def evaluate_path(model_path: Path, data: Path, out: Path, split: str = "test", 
         records = records[:limit]
     if not records:
         raise InputError(f"{data}: no {split} records")
-    answerer = make_answerer(model_path, batch_size)
+    answerer = make_answerer(model_path, batch_size, llm=llm, vision=vision)
     with task_progress("eval") as progress:
         result = evaluate(answerer, records, lambda r: load_image(data, r), seed=seed, progress=progress)
     result["model"] = str(model_path)
+    if llm or vision:
+        result["variant"] = {"llm": llm or "default", "vision": vision or "default"}
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return result

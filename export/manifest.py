@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
-from chatspot_edge.errors import BundleError
+from chatspot_edge.errors import BundleError, InputError
 from chatspot_edge.files import atomic_write_text, file_sha256
 
 FORMAT = "chatspot-edge-bundle/1"
@@ -23,6 +23,44 @@ REFERRING_FORMAT = "chatspot-text-v1"
 
 _TOOLS = {"torch": "torch", "gguf": "gguf", "onnx": "onnx", "onnxruntime": "onnxruntime",
           "transformers": "transformers", "llama_cpp_python": "llama_cpp_python"}
+
+
+# the two kinds of variant: (default entry key, variants key, the field that names a variant)
+VARIANT_KINDS = {"llm": ("llm", "llm_variants", "quant"), "vision": ("vision", "vision_variants", "precision")}
+
+
+def variant_entries(manifest: dict, kind: str) -> list[tuple[str, dict, bool]]:
+    """[(name, entry, is_default)] of one kind ("llm" or "vision"): the default entry first, then every
+    variant, each named by its quant / precision tag (else its manifest key). A variant that repeats the
+    default's file or an earlier name is listed once."""
+    default_key, key, tag = VARIANT_KINDS[kind]
+    default = manifest[default_key]
+    out = [(str(default.get(tag) or "default"), default, True)]
+    extra = manifest.get(key) or {}
+    items = extra.items() if isinstance(extra, dict) else ((None, e) for e in extra)
+    for k, e in items:
+        if not isinstance(e, dict):
+            continue
+        name = str(e.get(tag) or k)
+        if e.get("file") == default.get("file") or any(name.lower() == n.lower() for n, _, _ in out):
+            continue
+        out.append((name, e, False))
+    return out
+
+
+def find_variant(manifest: dict, kind: str, name: str | None) -> tuple[str, dict, bool]:
+    """The entry of variant `name` (case-insensitive tag or manifest key; None or "default": the default).
+    Raises InputError naming the variants the bundle has."""
+    entries = variant_entries(manifest, kind)
+    if name is None or name.lower() == "default":
+        return entries[0]
+    extra = manifest.get(VARIANT_KINDS[kind][1])
+    by_key = {str(k).lower(): e for k, e in extra.items()} if isinstance(extra, dict) else {}
+    for entry in entries:
+        if name.lower() == entry[0].lower() or by_key.get(name.lower()) is entry[1]:
+            return entry
+    what = "LLM" if kind == "llm" else kind
+    raise InputError(f"bundle has no {what} variant {name!r} (has: {', '.join(n for n, _, _ in entries)})")
 
 
 def tool_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:

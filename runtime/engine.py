@@ -69,18 +69,6 @@ class _NativeClock:
             self.seconds += time.perf_counter() - t
 
 
-def _variant(entries: dict, default: dict, name: str | None, what: str) -> dict:
-    if name is None:
-        return default
-    for key, entry in entries.items():
-        tag = entry.get("quant") or entry.get("precision") or key
-        if name.lower() in (key.lower(), str(tag).lower()):
-            return entry
-    if name.lower() == str(default.get("quant") or default.get("precision")).lower():
-        return default
-    raise InputError(f"bundle has no {what} variant {name!r} (has: {', '.join(entries) or 'default only'})")
-
-
 class Engine:
     """A loaded bundle: the LLM context (with `max_sessions` sequence slots), vision + region graphs, caches."""
 
@@ -106,12 +94,12 @@ class Engine:
     def load(cls, bundle: str | Path, threads: int | None = None, llm: str | None = None, vision: str | None = None,
              vision_backend: str = "onnxruntime", n_ctx: int | None = None, max_sessions: int = 4,
              image_cache: int = 32, verify: bool = True, f32_kv: bool = False) -> "Engine":
-        from chatspot_edge.export.manifest import read_manifest, verify_bundle
+        from chatspot_edge.export.manifest import find_variant, read_manifest, verify_bundle
 
         bundle = Path(bundle)
         manifest = read_manifest(bundle)  # structure; checksums below for the files this engine loads
-        llm_entry = _variant(manifest.get("llm_variants", {}), manifest["llm"], llm, "LLM")
-        vis_entry = _variant(manifest.get("vision_variants", {}), manifest["vision"], vision, "vision")
+        _, llm_entry, _ = find_variant(manifest, "llm", llm)
+        _, vis_entry, _ = find_variant(manifest, "vision", vision)
         if vision_backend == "coreml":
             coreml = vis_entry.get("coreml") or manifest.get("vision", {}).get("coreml") or "vision.mlpackage"
             vis_file = coreml if isinstance(coreml, str) else coreml["file"]

@@ -81,6 +81,7 @@ class LlamaModel:
                  use_mmap: bool = True, n_batch: int = 512, vocab_only: bool = False):
         llama_cpp = _lib()
         self._c = llama_cpp
+        self.path = Path(path)
         path = Path(path)
         mp = llama_cpp.llama_model_default_params()
         mp.use_mmap = use_mmap

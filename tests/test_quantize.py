@@ -73,12 +73,23 @@ def test_variants_in_manifest(quantized):
 
 
 def test_engine_loads_variants_and_answers(quantized):
-    from chatspot_edge.runtime.engine import _variant
+    from chatspot_edge.errors import InputError
+    from chatspot_edge.evaluation import make_answerer
+    from chatspot_edge.export.manifest import find_variant
 
     b, _ = quantized
     m = verify_bundle(b)
-    assert _variant(m["llm_variants"], m["llm"], None, "LLM") is m["llm"]  # no args: the default entry
-    assert _variant(m["llm_variants"], m["llm"], "q8_0", "LLM")["file"] == "llm-q8_0.gguf"
+    assert find_variant(m, "llm", None)[1] is m["llm"]  # no name: the default entry
+    assert find_variant(m, "llm", "default")[1] is m["llm"]
+    assert find_variant(m, "llm", "q8_0")[1]["file"] == "llm-q8_0.gguf"  # tags are case-insensitive
+    assert find_variant(m, "vision", "INT8")[1] is m["vision_variants"]["int8"]
+    with pytest.raises(InputError, match=r"has: .*Q8_0, Q4_0"):
+        find_variant(m, "llm", "q2_k")
+    answerer = make_answerer(b, llm="Q4_0", vision="int8")  # `chatspot-edge eval BUNDLE --llm --vision`
+    try:
+        assert Path(answerer.engine.llm.path).name == "llm-q4_0.gguf"
+    finally:
+        answerer.engine.close()
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
     for llm, vision in (("Q8_0", "int8"), ("Q4_0", "fp16")):
         engine = Engine.load(b, threads=2, llm=llm, vision=vision)

@@ -101,3 +101,33 @@ def test_ddp_two_cpu_processes_keep_replicas_identical(spot, tmp_path):
     h1 = Path(str(out) + ".rank1").read_text()
     assert h0 == h1
     assert (out / "model.safetensors").is_file()
+
+
+def test_warm_start_copies_projector_region_and_added_tokens_only(tmp_path):
+    from chatspot_edge.errors import InputError
+    from chatspot_edge.model.checkpoint import save_checkpoint
+    from chatspot_edge.model.presets import build_preset
+    from chatspot_edge.train.adapt import warm_start_from
+
+    source, tok = build_preset("tiny", seed=1)
+    source.config.provenance = dict(source.config.provenance, adapt={"train_seconds": 12.5})
+    save_checkpoint(source, tok, tmp_path / "src")
+    model, _ = build_preset("tiny", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = warm_start_from(model, tmp_path / "src")
+    assert info["source_train_seconds"] == 12.5 and "projector" in info["copied"]
+    after, src = model.state_dict(), source.state_dict()
+    first = model.config.image_token_id
+    for k, v in after.items():
+        if k.startswith(("projector.", "region.")):
+            assert torch.equal(v, src[k]), k
+        elif k.endswith("embed_tokens.weight"):
+            assert torch.equal(v[first:], src[k][first:]) and torch.equal(v[:first], before[k][:first])
+            assert not torch.equal(v[first:], before[k][first:])
+        elif "lm_head" not in k:
+            assert torch.equal(v, before[k]), k  # LLM blocks and vision stay the preset's
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    cfg["vision"]["image_size"] = [96, 96]  # another vision encoder input: its features mean something else
+    (tmp_path / "src" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError):
+        warm_start_from(model, tmp_path / "src")

@@ -71,6 +71,7 @@ class AdaptOptions:
     region_align: float = 1.0  # weight of the region-text alignment loss (model.region_alignment_loss)
     region_placement: str | None = None  # override the preset's: "after_box" or "before_answer"
     init: Path | None = None  # start from an existing checkpoint instead of the preset
+    warm_start: Path | None = None  # copy projector, region encoder and added-token rows from this checkpoint
     blocks: str | None = None  # mini: which SmolLM2 blocks to keep, e.g. "0,6,12,18,24,29"
     lr_llm: float | None = None  # override the preset's LLM (transformer blocks) learning rate
     lr_embed: float | None = None  # learning rate of the (tied) token embeddings; default: lr_llm
@@ -239,6 +240,32 @@ def _build_model(opts: AdaptOptions):
     return model, tok
 
 
+def warm_start_from(model: ChatSpotModel, source: Path) -> dict:
+    """Copy the projector, the region encoder and the embedding rows of the added tokens (`<image>`, `<box>`,
+    `</box>`, `<region>`) from another checkpoint with the same vision encoder and hidden size (e.g. a trained
+    mini into smol: both feed SmolLM2's embedding space). The LLM blocks stay the preset's. Returns what was
+    copied and the source's training time (a warm start's cost counts in the total)."""
+    from chatspot_edge.model.checkpoint import load_checkpoint
+
+    src, _ = load_checkpoint(source)
+    if src.config.vision != model.config.vision or src.llm.config.hidden_size != model.llm.config.hidden_size:
+        raise InputError(f"{source}: vision encoder or hidden size differs from the {model.config.preset} preset")
+    copied = []
+    with torch.no_grad():
+        for name in ("projector", "region"):
+            mine, theirs = getattr(model, name), getattr(src, name)
+            if mine is None or theirs is None:
+                continue
+            mine.load_state_dict(theirs.state_dict())
+            copied.append(name)
+        first = model.config.image_token_id  # added tokens follow the base vocabulary
+        emb, src_emb = model.llm.get_input_embeddings().weight, src.llm.get_input_embeddings().weight
+        emb[first:] = src_emb[first:]
+        copied.append(f"embedding rows {first}-{emb.shape[0] - 1}")
+    seconds = (src.config.provenance.get("adapt") or {}).get("train_seconds")
+    return {"checkpoint": str(source), "copied": copied, "source_train_seconds": seconds}
+
+
 def adapt(opts: AdaptOptions) -> dict:
     """Train; write the checkpoint to `opts.out` atomically. Returns a summary (steps, time, losses)."""
     from chatspot_edge.data import load_split
@@ -275,6 +302,9 @@ def adapt(opts: AdaptOptions) -> dict:
     if not records:
         raise InputError(f"{opts.data}: no training records")
     model, tok = _build_model(opts)
+    warm = warm_start_from(model, opts.warm_start) if opts.warm_start is not None else None
+    if warm:
+        _log(opts, rank, f"warm start from {opts.warm_start}: {', '.join(warm['copied'])}")
     if opts.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -406,7 +436,8 @@ def adapt(opts: AdaptOptions) -> dict:
             model.llm = model.llm.merge_and_unload()
         model.config.provenance = dict(model.config.provenance, adapt={
             "data": str(opts.data), "stage1_steps": stage1_steps, "stage2_steps": meta["step"],
-            "batch_size": batch_size, "train_seconds": round(elapsed, 1), "lora": opts.lora, "seed": opts.seed})
+            "batch_size": batch_size, "train_seconds": round(elapsed, 1), "lora": opts.lora, "seed": opts.seed,
+            **({"warm_start": warm} if warm else {})})
         log = {"losses": meta["losses"], "evals": meta["evals"], "train_seconds": elapsed}
         save_checkpoint(model.cpu(), tok, opts.out, extra_files={"training_log.json": json.dumps(log)})
         shutil.rmtree(state_dir, ignore_errors=True)
