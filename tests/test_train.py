@@ -103,7 +103,7 @@ def test_ddp_two_cpu_processes_keep_replicas_identical(spot, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-def test_warm_start_copies_projector_region_and_added_tokens_only(tmp_path):
+def test_warm_start_copies_projector_region_and_added_tokens_only(spot, tmp_path):
     from chatspot_edge.errors import InputError
     from chatspot_edge.model.checkpoint import save_checkpoint
     from chatspot_edge.model.presets import build_preset
@@ -126,6 +126,10 @@ def test_warm_start_copies_projector_region_and_added_tokens_only(tmp_path):
             assert not torch.equal(v[first:], before[k][first:])
         elif "lm_head" not in k:
             assert torch.equal(v, before[k]), k  # LLM blocks and vision stay the preset's
+    r = _adapt(spot, tmp_path / "ws", "--warm-start", str(tmp_path / "src"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    prov = json.loads((tmp_path / "ws" / "config.json").read_text())["provenance"]["adapt"]["warm_start"]
+    assert prov["checkpoint"] == str(tmp_path / "src") and prov["source_train_seconds"] == 12.5
     cfg = json.loads((tmp_path / "src" / "config.json").read_text())
     cfg["vision"]["image_size"] = [96, 96]  # another vision encoder input: its features mean something else
     (tmp_path / "src" / "config.json").write_text(json.dumps(cfg))

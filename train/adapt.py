@@ -302,9 +302,9 @@ def adapt(opts: AdaptOptions) -> dict:
     if not records:
         raise InputError(f"{opts.data}: no training records")
     model, tok = _build_model(opts)
-    warm = warm_start_from(model, opts.warm_start) if opts.warm_start is not None else None
-    if warm:
-        _log(opts, rank, f"warm start from {opts.warm_start}: {', '.join(warm['copied'])}")
+    warm_start = warm_start_from(model, opts.warm_start) if opts.warm_start is not None else None
+    if warm_start:
+        _log(opts, rank, f"warm start from {opts.warm_start}: {', '.join(warm_start['copied'])}")
     if opts.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -437,7 +437,7 @@ def adapt(opts: AdaptOptions) -> dict:
         model.config.provenance = dict(model.config.provenance, adapt={
             "data": str(opts.data), "stage1_steps": stage1_steps, "stage2_steps": meta["step"],
             "batch_size": batch_size, "train_seconds": round(elapsed, 1), "lora": opts.lora, "seed": opts.seed,
-            **({"warm_start": warm} if warm else {})})
+            **({"warm_start": warm_start} if warm_start else {})})
         log = {"losses": meta["losses"], "evals": meta["evals"], "train_seconds": elapsed}
         save_checkpoint(model.cpu(), tok, opts.out, extra_files={"training_log.json": json.dumps(log)})
         shutil.rmtree(state_dir, ignore_errors=True)
