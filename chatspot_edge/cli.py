@@ -52,6 +52,8 @@ def adapt(
     save_every: int = typer.Option(100, "--save-every", help="write a resumable checkpoint every K steps"),
     resume: bool = typer.Option(False, help="continue from OUT/resume if present"),
     lora: bool = typer.Option(False, help="stage 2 with LoRA adapters (peft) instead of a full fine-tune"),
+    fsdp: bool = typer.Option(False, help="under torchrun: shard weights, gradients and optimizer state (FSDP2) "
+                                          "instead of DDP, for models that do not fit one device"),
     seed: int = typer.Option(0),
     vision_pool: int = typer.Option(2, "--vision-pool", help="2: 7x7 = 49 image tokens, 1: 14x14 = 196"),
     region_token: bool = typer.Option(True, "--region-token/--no-region-token"),
@@ -70,7 +72,7 @@ def adapt(
     opts = AdaptOptions(preset=preset, data=data, out=out, minutes=minutes, steps=steps, batch_size=batch_size,
                         grad_accum=grad_accum, stage1_steps=stage1_steps, eval_every=eval_every,
                         eval_samples=eval_samples,
-                        save_every=save_every, resume=resume, lora=lora, seed=seed, vision_pool=vision_pool,
+                        save_every=save_every, resume=resume, lora=lora, fsdp=fsdp, seed=seed, vision_pool=vision_pool,
                         region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed,
                         region_align=region_align, region_placement=region_placement, warm_start=warm_start)
     run_adapt(opts)

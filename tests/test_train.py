@@ -88,14 +88,18 @@ Path(sys.argv[2] + f".rank{os.environ['RANK']}").write_text(h.hexdigest())
 '''
 
 
+def _torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_replicas_identical(spot, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(worker), str(spot), str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = _torchrun(str(worker), str(spot), str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     h0 = Path(str(out) + ".rank0").read_text()
     h1 = Path(str(out) + ".rank1").read_text()
@@ -135,3 +139,35 @@ def test_warm_start_copies_projector_region_and_added_tokens_only(spot, tmp_path
     (tmp_path / "src" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError):
         warm_start_from(model, tmp_path / "src")
+
+
+@pytest.mark.slow
+def test_fsdp_computes_what_ddp_computes_and_resumes(spot, tmp_path):
+    """--fsdp (2 CPU processes, gloo): same batches and averaged gradients as DDP, so the same weights; a run
+    killed after its step-4 state and resumed ends where the uninterrupted FSDP run ends."""
+    cli = ["-m", "chatspot_edge.cli", "adapt", "--preset", "tiny", "--data", str(spot), "--steps", "6",
+           "--stage1-steps", "2", "--batch-size", "4", "--save-every", "2"]
+    ddp = _torchrun(*cli, "--out", str(tmp_path / "ddp"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    fsdp = _torchrun(*cli, "--out", str(tmp_path / "fsdp"), "--fsdp")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    killed = _torchrun(*cli, "--out", str(tmp_path / "run"), "--fsdp", env={"CHATSPOT_KILL_AT_STEP": "4"})
+    assert killed.returncode != 0 and not (tmp_path / "run").exists()
+    assert json.loads((tmp_path / "run.train-state" / "state.json").read_text())["step"] == 4
+    resumed = _torchrun(*cli, "--out", str(tmp_path / "run"), "--fsdp", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    from chatspot_edge.model.presets import build_preset
+
+    a, b, c = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ddp", "fsdp", "run"))
+    assert a.keys() == b.keys() == c.keys()
+    init = build_preset("tiny", seed=0)[0].state_dict()
+    moved = 0
+    for k in a:
+        step = float((a[k] - init[k]).abs().max())  # how far training moved this tensor
+        moved += step > 1e-3
+        for x, y in ((a, b), (b, c)):  # equal up to floating-point reduction order (bf16 autocast)
+            diff = float((x[k] - y[k]).abs().max())
+            assert diff < 5e-4 and (step < 1e-3 or diff < 0.1 * step), (k, diff, step)
+    assert moved > 10  # the runs trained: projector, region encoder and LLM moved
+    r = subprocess.run([sys.executable, *cli, "--out", str(tmp_path / "x"), "--fsdp"], capture_output=True, text=True)
+    assert r.returncode == 2 and "torchrun" in r.stderr  # --fsdp without torchrun: a clear error

@@ -11,7 +11,11 @@ CPU, gradient accumulation, warmup + cosine schedule.
 Resumable: every `save_every` steps the trainable weights, AdamW moments, RNG states and the data position
 are written atomically to `OUT.train-state/` (safetensors + JSON, no pickle); `--resume` continues from it
 with the same data order. Under `torchrun` the same script runs DDP (gloo on CPU, nccl on GPU): each rank
-takes its share of every global batch and gradients are averaged, so replicas stay identical.
+takes its share of every global batch and gradients are averaged, so replicas stay identical. `--fsdp`
+shards parameters, gradients and optimizer moments instead (FSDP2 `fully_shard`: one unit per decoder
+layer, one for the vision encoder, the rest at the root), for models that do not fit one device; the same
+batches and the same averaged gradients, so it computes what DDP computes. Checkpoints, resume states and
+evaluations then gather the full weights first.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class AdaptOptions:
     save_every: int = 100
     resume: bool = False
     lora: bool = False
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and AdamW moments (FSDP2) instead of DDP
     seed: int = 0
     vision_pool: int = 2
     region_token: bool = True
@@ -143,20 +148,46 @@ def _named_trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Paramet
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def save_train_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict) -> None:
-    with atomic_dir(folder) as tmp:
-        named = _named_trainable(model)
-        weights = {n: p.detach().contiguous().clone() for n, p in named}
-        # tied parameters appear once in named_parameters, so names are unique
-        save_file(weights, str(tmp / "trainable.safetensors"))
+def trainable_state(model: torch.nn.Module, opt: torch.optim.Optimizer, sharded: torch.nn.Module | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
+    """(weights, AdamW moments "NAME::exp_avg" / "NAME::exp_avg_sq", AdamW step counts) of the trainable
+    parameters, full tensors on the CPU. `sharded`: the FSDP root wrapping `model` (as `.model`); gathering is
+    then a collective that every rank must call, and only rank 0 receives the tensors (others get empty dicts)."""
+    named = _named_trainable(model)  # tied parameters appear once, so names are unique
+    if sharded is None:
+        weights = {n: p.detach().cpu().contiguous().clone() for n, p in named}
         moments: dict[str, torch.Tensor] = {}
         steps: dict[str, float] = {}
         for n, p in named:
             st = opt.state.get(p, {})
             if "exp_avg" in st:
-                moments[f"{n}::exp_avg"] = st["exp_avg"].contiguous()
-                moments[f"{n}::exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+                moments[f"{n}::exp_avg"] = st["exp_avg"].cpu().contiguous()
+                moments[f"{n}::exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
                 steps[n] = float(st["step"])
+        return weights, moments, steps
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(sharded, options=full)
+    osd = get_optimizer_state_dict(sharded, opt, options=full)
+    weights, moments, steps = {}, {}, {}
+    for n, _ in named:
+        if f"model.{n}" in msd:
+            weights[n] = msd[f"model.{n}"].contiguous()
+        st = (osd.get("state") or {}).get(f"model.{n}", {})
+        if "exp_avg" in st:
+            moments[f"{n}::exp_avg"] = st["exp_avg"].contiguous()
+            moments[f"{n}::exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+            steps[n] = float(st["step"])
+    return weights, moments, steps
+
+
+def save_train_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict,
+                     state: tuple[dict, dict, dict] | None = None) -> None:
+    """Write the resumable state atomically. `state`: `trainable_state(...)` when already gathered (FSDP)."""
+    weights, moments, steps = state if state is not None else trainable_state(model, opt)
+    with atomic_dir(folder) as tmp:
+        save_file(weights, str(tmp / "trainable.safetensors"))
         rng = {"torch": torch.get_rng_state()}
         save_file(moments or {"_empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
@@ -164,21 +195,38 @@ def save_train_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Opti
         (tmp / "state.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
-def load_train_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+def load_train_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                     sharded: torch.nn.Module | None = None) -> dict:
+    """Restore weights, AdamW moments and RNG state from `folder` (every rank reads the full tensors; with an
+    FSDP root `sharded`, each keeps its shard)."""
     named = dict(_named_trainable(model))
     weights = load_file(str(folder / "trainable.safetensors"))
     if set(weights) != set(named):
         raise InputError(f"{folder}: trainable parameters differ from this run (different options?)")
-    with torch.no_grad():
-        for n, w in weights.items():
-            named[n].copy_(w)
     meta = json.loads((folder / "state.json").read_text())
     moments = load_file(str(folder / "optimizer.safetensors"))
-    for n, p in named.items():
-        if f"{n}::exp_avg" in moments:
-            opt.state[p] = {"step": torch.tensor(meta["adam_steps"][n]),
-                            "exp_avg": moments[f"{n}::exp_avg"].clone(),
-                            "exp_avg_sq": moments[f"{n}::exp_avg_sq"].clone()}
+    if sharded is None:
+        with torch.no_grad():
+            for n, w in weights.items():
+                named[n].copy_(w)
+        for n, p in named.items():
+            if f"{n}::exp_avg" in moments:
+                opt.state[p] = {"step": torch.tensor(meta["adam_steps"][n]),
+                                "exp_avg": moments[f"{n}::exp_avg"].clone().to(p.device),
+                                "exp_avg_sq": moments[f"{n}::exp_avg_sq"].clone().to(p.device)}
+    else:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(sharded, {f"model.{n}": w for n, w in weights.items()}, options=full)
+        name_of = {id(p): n for n, p in named.items()}
+        osd = {"state": {f"model.{n}": {"step": torch.tensor(meta["adam_steps"][n]),
+                                        "exp_avg": moments[f"{n}::exp_avg"], "exp_avg_sq": moments[f"{n}::exp_avg_sq"]}
+                         for n in named if f"{n}::exp_avg" in moments},
+               "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
+                                 "params": [f"model.{name_of[id(p)]}" for p in g["params"]]} for g in opt.param_groups]}
+        set_optimizer_state_dict(sharded, opt, osd, options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
     return meta
 
@@ -288,6 +336,7 @@ def adapt(opts: AdaptOptions) -> dict:
         dist.init_process_group("nccl" if use_cuda else "gloo")
         if use_cuda:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
     elif torch.cuda.is_available() and os.environ.get("CHATSPOT_DEVICE", "") == "cuda":
         device = "cuda"
     if device == "cpu" and distributed:
@@ -312,6 +361,13 @@ def adapt(opts: AdaptOptions) -> dict:
             r=16, lora_alpha=32, lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.to(device)
+    sharded = None
+    if opts.fsdp:
+        if not distributed:
+            raise InputError("--fsdp shards over the processes of torchrun (WORLD_SIZE > 1); run it under torchrun")
+        if opts.lora:
+            raise InputError("--fsdp with --lora is not supported: LoRA adapters are small enough for DDP")
+        sharded = _shard(model)
     proc = Processor(tok, model.config)
     data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, opts.max_tokens)
     data1 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed + 1, opts.max_tokens)
@@ -325,7 +381,7 @@ def adapt(opts: AdaptOptions) -> dict:
         saved = json.loads((state_dir / "state.json").read_text())
         _set_trainable(model, saved["stage"], opts.lora)
         opt = torch.optim.AdamW(_param_groups(model, d["lr_llm"], d["lr_proj"], opts.lr_embed), betas=(0.9, 0.95))
-        meta = load_train_state(state_dir, model, opt)
+        meta = load_train_state(state_dir, model, opt, sharded)
         data1.position, data2.position = meta["pos1"], meta["pos2"]
         resumed = True
         _log(opts, rank, f"resumed from {state_dir}: stage {meta['stage']}, step {meta['step']}")
@@ -341,13 +397,13 @@ def adapt(opts: AdaptOptions) -> dict:
         total_loss, n_tok = 0.0, 0
         for a in range(opts.grad_accum):
             batch = {k: v.to(device) for k, v in data.collate(mine[a * micro:(a + 1) * micro]).items()}
-            with torch.no_grad(), autocast:
-                features = model.vision(batch["pixels"])  # frozen: no graph; pixels stay for region crops
             last = a == opts.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or not distributed) else fwd.no_sync()
+            if sharded is not None:
+                sharded.set_requires_gradient_sync(last)  # FSDP: reduce-scatter once per optimizer step
+            sync = contextlib.nullcontext() if (last or not distributed or sharded is not None) else fwd.no_sync()
             with sync:
                 with autocast:
-                    out = fwd(features, per_sample=opts.per_sample_loss, region_align=opts.region_align, **batch)
+                    out = fwd(per_sample=opts.per_sample_loss, region_align=opts.region_align, **batch)
                 (out.loss / opts.grad_accum).backward()
             total_loss += float(out.loss.detach()) / opts.grad_accum
             n_tok += int(batch["attention_mask"].sum())
@@ -358,6 +414,8 @@ def adapt(opts: AdaptOptions) -> dict:
 
     def wrap() -> torch.nn.Module:
         """The forward module for the current trainable set (DDP registers its hooks at construction)."""
+        if sharded is not None:
+            return sharded
         if not distributed:
             return _Forward(model)
         from torch.nn.parallel import DistributedDataParallel
@@ -415,15 +473,18 @@ def adapt(opts: AdaptOptions) -> dict:
             _log(opts, rank, f"stage 2 step {meta['step']}/{total or '?'} loss {loss:.3f} "
                              f"{rate:,.0f} tok/s {batch_size * meta['step'] / (now - t2):.1f} samples/s ETA {eta:.0f}s")
             last_print = now
-        if opts.eval_every and meta["step"] % opts.eval_every == 0 and rank == 0:
-            acc = quick_eval(model, tok, opts.data, opts.eval_samples)
-            meta["evals"].append({"step": meta["step"], "elapsed_s": round(time.perf_counter() - t_start, 1), **acc})
-            _log(opts, rank, f"eval @ {meta['step']}: {acc}")
+        if opts.eval_every and meta["step"] % opts.eval_every == 0:
+            plain = gathered_model(model, sharded)  # FSDP: a collective; None on ranks > 0
+            if rank == 0:
+                acc = quick_eval(plain, tok, opts.data, opts.eval_samples)
+                meta["evals"].append({"step": meta["step"], "elapsed_s": round(time.perf_counter() - t_start, 1), **acc})
+                _log(opts, rank, f"eval @ {meta['step']}: {acc}")
             model.train(); model.vision.eval()
         if opts.save_every and meta["step"] % opts.save_every == 0 and meta["step"] < (total or 0):
             meta.update(pos1=data1.position, pos2=data2.position, elapsed=time.perf_counter() - t_start)
+            state = trainable_state(model, opt, sharded) if sharded is not None else None  # a collective
             if rank == 0:
-                save_train_state(state_dir, model, opt, meta)
+                save_train_state(state_dir, model, opt, meta, state)
             if distributed:
                 dist.barrier()
             if os.environ.get("CHATSPOT_KILL_AT_STEP") == str(meta["step"]):  # fault injection for the resume test
@@ -431,6 +492,8 @@ def adapt(opts: AdaptOptions) -> dict:
 
     elapsed = time.perf_counter() - t_start
     model.eval()
+    if sharded is not None:
+        model = gathered_model(model, sharded)  # full weights on rank 0 (a collective)
     if rank == 0:
         if opts.lora:
             model.llm = model.llm.merge_and_unload()
@@ -447,15 +510,54 @@ def adapt(opts: AdaptOptions) -> dict:
     return {"steps": meta["step"], "seconds": elapsed, "losses": meta["losses"], "evals": meta["evals"], "model": model}
 
 
+def _shard(model: ChatSpotModel) -> torch.nn.Module:
+    """FSDP2: one unit per decoder layer and the root (`_Forward`: vision encoder, projector, region encoder,
+    embeddings, final norm, tied head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.llm.model.layers:
+        fully_shard(layer)
+    return fully_shard(_Forward(model))
+
+
+def gathered_model(model: ChatSpotModel, sharded: torch.nn.Module | None) -> ChatSpotModel | None:
+    """The model with full weights: `model` itself without FSDP; under FSDP a plain copy on rank 0 (None on
+    the other ranks), gathered from the shards (every rank must call this)."""
+    if sharded is None:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    msd = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    plain = ChatSpotModel(model.config)
+    missing, unexpected = plain.load_state_dict({k.removeprefix("model."): v for k, v in msd.items()}, strict=False)
+    if unexpected or [m for m in missing if m != "llm.lm_head.weight"]:
+        raise RuntimeError(f"gathered FSDP state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if plain.llm.config.tie_word_embeddings:
+        plain.llm.tie_weights()
+    return plain.eval()
+
+
 class _Forward(torch.nn.Module):
-    """Model call that takes precomputed (frozen) vision features and runs projector + LLM."""
+    """The training forward: the frozen vision encoder without a graph, then projector + region encoder + LLM
+    (`pixels` also feed the region crops). One module, so DDP and FSDP wrap all of it."""
 
     def __init__(self, model: ChatSpotModel):
         super().__init__()
         self.model = model
 
-    def forward(self, vision_features: torch.Tensor, **batch) -> ChatSpotOutput:
-        return self.model(image_embeds=self.model.projector(vision_features), **batch)
+    def forward(self, pixels: torch.Tensor, **batch) -> ChatSpotOutput:
+        with torch.no_grad():
+            features = self.model.vision(pixels)
+        out = self.model(image_embeds=self.model.projector(features), pixels=pixels, **batch)
+        region = self.model.region
+        if region is not None and batch["boxes"].numel() == 0 and out.loss is not None:
+            # no region in this micro-batch: a zero term keeps the region encoder in the graph, so every rank
+            # reduces the same gradients (FSDP's reduce-scatter needs that; DDP would otherwise search for
+            # unused parameters)
+            out.loss = out.loss + 0.0 * sum(p.sum() for p in region.parameters() if p.requires_grad)
+        return out
 
 
 def quick_eval(model: ChatSpotModel, tok, data: Path, n: int) -> dict:
