@@ -4,8 +4,8 @@ Stage 1 (alignment): only the projector and the region encoder learn (LR 2e-3; t
 sample, with the answer loss plus the region-text alignment loss: the region embeddings become informative
 before the LLM starts to adapt (ChatSpot's stage 1 aligns the projector on image-level data alone; with
 that alone the LLM sat on the answer-prior plateau here, ignoring a still-random region embedding).
-Stage 2: the vision encoder stays frozen; projector + region encoder (LR 2e-3) and the LLM (LR 1e-4; full
-fine-tune, or LoRA adapters with --lora) learn on every task. Loss on answer tokens only, bf16 autocast on
+Stage 2: the vision encoder stays frozen; projector + region encoder (LR 2e-3) and the LLM (LR 3e-4 mini,
+2e-4 smol; full fine-tune, or LoRA adapters with --lora) learn on every task. Loss on answer tokens only, bf16 autocast on
 CPU, gradient accumulation, warmup + cosine schedule.
 
 Resumable: every `save_every` steps the trainable weights, AdamW moments, RNG states and the data position
@@ -47,7 +47,8 @@ from chatspot_edge.model.processor import Processor
 PRESET_DEFAULTS = {  # batch size, stage-2 minutes, stage-1 steps, LLM LR, projector LR
     "tiny": dict(batch_size=4, minutes=1.0, stage1_steps=2, lr_llm=1e-3, lr_proj=2e-3),
     "mini": dict(batch_size=16, minutes=7.5, stage1_steps=150, lr_llm=3e-4, lr_proj=2e-3),  # ~10 min in all
-    "smol": dict(batch_size=16, minutes=60.0, stage1_steps=200, lr_llm=1e-4, lr_proj=2e-3),
+    "smol": dict(batch_size=16, minutes=60.0, stage1_steps=200, lr_llm=2e-4, lr_proj=2e-3,
+                 stage1_steps_warm=40),  # warm-started from a trained mini: its projector is aligned already
 }
 
 
@@ -325,6 +326,8 @@ def adapt(opts: AdaptOptions) -> dict:
         d["lr_llm"] = opts.lr_llm
     batch_size = opts.batch_size or d["batch_size"]
     stage1_steps = d["stage1_steps"] if opts.stage1_steps is None else opts.stage1_steps
+    if opts.warm_start is not None and opts.stage1_steps is None:
+        stage1_steps = d.get("stage1_steps_warm", stage1_steps)
     minutes = opts.minutes if opts.minutes is not None else d["minutes"]
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
