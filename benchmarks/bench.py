@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from chatspot_edge.errors import InputError
-from chatspot_edge.export.manifest import find_variant, variant_entries
+from chatspot_edge.export.manifest import find_variant, region_graph, variant_entries
 
 DEFAULT_REPEATS = 5
 WORKER_TIMEOUT_S = 3600
@@ -57,7 +57,8 @@ def resolve_variants(manifest: dict, spec: str | Sequence[str] | None) -> list[d
         seen.add((ln, vn))
         out.append({"llm": str(le.get("quant") or ln), "vision": str(ve.get("precision") or vn),
                     "llm_arg": None if ld else ln, "vision_arg": None if vd else vn,
-                    "llm_file": le["file"], "vision_file": ve["file"], "default": ld and vd})
+                    "llm_file": le["file"], "vision_file": ve["file"], "region_file": region_graph(manifest, ve),
+                    "default": ld and vd})
     return out
 
 
@@ -65,9 +66,7 @@ def variant_files(manifest: dict, variant: dict) -> dict[str, int]:
     """{file: bytes} of what this variant needs on the device: its GGUF, its vision graph (with external
     data), the region graph when the model has one, and the manifest."""
     files = manifest.get("files", {})
-    names = [variant["llm_file"], variant["vision_file"]]
-    if manifest.get("referring", {}).get("region_token") and manifest["referring"].get("graph"):
-        names.append(manifest["referring"]["graph"])
+    names = [variant["llm_file"], variant["vision_file"]] + ([variant["region_file"]] if variant.get("region_file") else [])
     out: dict[str, int] = {}
     for name in names:
         for f, e in files.items():

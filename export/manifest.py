@@ -48,6 +48,16 @@ def variant_entries(manifest: dict, kind: str) -> list[tuple[str, dict, bool]]:
     return out
 
 
+def region_graph(manifest: dict, vision_entry: dict) -> str | None:
+    """The region graph that goes with a vision variant: its own `region_graph` (a quantized copy, e.g. the
+    int8 variant's) or else the bundle's `referring.graph`; None when the model has no region embedding."""
+    ref = manifest.get("referring") or {}
+    if not ref.get("region_token"):
+        return None
+    own = vision_entry.get("region_graph")
+    return own["file"] if isinstance(own, dict) else (ref.get("graph") or None)
+
+
 def find_variant(manifest: dict, kind: str, name: str | None) -> tuple[str, dict, bool]:
     """The entry of variant `name` (case-insensitive tag or manifest key; None or "default": the default).
     Raises InputError naming the variants the bundle has."""
@@ -168,6 +178,10 @@ def read_manifest(bundle: str | Path) -> dict[str, Any]:
     named = [e["file"] for e in llms + visions]
     if m["referring"]["region_token"]:
         named.append(m["referring"]["graph"])
+        for e in visions:
+            if e.get("region_graph") is not None:
+                _require(bundle, e["region_graph"], "vision variant region_graph", {"file": str})
+                named.append(e["region_graph"]["file"])
     for e in visions:
         if isinstance(e.get("coreml"), dict) and isinstance(e["coreml"].get("file"), str):
             named.append(e["coreml"]["file"])

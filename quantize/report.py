@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from chatspot_edge.errors import InputError
-from chatspot_edge.export.manifest import MANIFEST, verify_bundle, write_manifest
+from chatspot_edge.export.manifest import MANIFEST, region_graph, verify_bundle, write_manifest
 from chatspot_edge.files import atomic_dir
 
 from chatspot_edge.quantize.llm import (LLM_TYPES, default_threads, gguf_summary, gguf_tensors, n_layers,
@@ -129,9 +129,9 @@ def _bytes(bundle: Path, manifest: dict, name: str) -> int:
 def _total_bytes(bundle: Path, manifest: dict, llm_entry: dict, vis_entry: dict) -> dict[str, int]:
     parts = {llm_entry["file"]: _bytes(bundle, manifest, llm_entry["file"]),
              vis_entry["file"]: _bytes(bundle, manifest, vis_entry["file"])}
-    ref = manifest["referring"]
-    if ref.get("region_token") and ref.get("graph"):
-        parts[ref["graph"]] = _bytes(bundle, manifest, ref["graph"])
+    region = region_graph(manifest, vis_entry)
+    if region:
+        parts[region] = _bytes(bundle, manifest, region)
     parts[MANIFEST] = (bundle / MANIFEST).stat().st_size
     return parts
 
@@ -236,7 +236,7 @@ def quality_report(bundle: str | Path, out: str | Path, data: str | Path | None 
         from chatspot_edge.quantize.kl import Embedder, variant_kl
 
         if vis_key not in embeds_by_vision:
-            region = bundle / manifest["referring"]["graph"] if region_token else None
+            region = bundle / region_graph(manifest, visions[vis_key]) if region_token else None
             emb = Embedder(bundle / visions[vis_key]["file"], region, threads)
             embeds_by_vision[vis_key] = [emb(e) for e in kl_ctx["examples"]]
         n = n or len(kl_ctx["examples"])

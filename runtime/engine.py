@@ -94,7 +94,7 @@ class Engine:
     def load(cls, bundle: str | Path, threads: int | None = None, llm: str | None = None, vision: str | None = None,
              vision_backend: str = "onnxruntime", n_ctx: int | None = None, max_sessions: int = 4,
              image_cache: int = 32, verify: bool = True, f32_kv: bool = False) -> "Engine":
-        from chatspot_edge.export.manifest import find_variant, read_manifest, verify_bundle
+        from chatspot_edge.export.manifest import find_variant, read_manifest, region_graph, verify_bundle
 
         bundle = Path(bundle)
         manifest = read_manifest(bundle)  # structure; checksums below for the files this engine loads
@@ -105,10 +105,9 @@ class Engine:
             vis_file = coreml if isinstance(coreml, str) else coreml["file"]
         else:
             vis_file = vis_entry["file"]
+        region_file = region_graph(manifest, vis_entry)  # the variant's own (quantized) copy, or the bundle's
         if verify:
-            used = [llm_entry["file"], vis_file] + ([manifest["referring"]["graph"]]
-                                                    if manifest["referring"].get("region_token") else [])
-            verify_bundle(bundle, only=used)
+            verify_bundle(bundle, only=[llm_entry["file"], vis_file] + ([region_file] if region_file else []))
         gguf_path = bundle / llm_entry["file"]
         arch = gguf_architecture(gguf_path)
         if arch != "llama":
@@ -128,10 +127,7 @@ class Engine:
         width = (vis.output_shape or [None])[-1]
         if isinstance(width, int) and width != model.n_embd:
             raise BundleError(f"{vis_entry['file']}: image_embeds width {width} does not match the LLM's n_embd {model.n_embd}")
-        ref = manifest["referring"]
-        region = None
-        if ref.get("region_token"):
-            region = OnnxRegion(bundle / ref["graph"], threads=model.threads)
+        region = OnnxRegion(bundle / region_file, threads=model.threads) if region_file else None
         p = manifest["prompt"]
         prompt = PromptFormat(p["system"], p["template"], tuple(p.get("stop") or ()), p.get("turn", ""))
         return cls(bundle, manifest, model, vis, region, prompt, max_sessions, image_cache)

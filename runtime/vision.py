@@ -72,6 +72,7 @@ class OnnxRegion:
     -> region_embeds `[R, d]`. Inputs are fed by name."""
 
     def __init__(self, path: Path, threads: int | None = None):
+        self.path = Path(path)
         self.session = _load(path, threads)
         self.names = [i.name for i in self.session.get_inputs()]
         self.output = self.session.get_outputs()[0].name

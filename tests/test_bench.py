@@ -200,6 +200,10 @@ def test_default_variants_and_selection(form):
         ("Q4_K_M", "int8", "Q4_K_M", "int8"), ("F16", "fp32", None, None)]
     assert variant_files(m, pick[0]) == {"llm-q4_k_m.gguf": 30, "vision-int8.onnx": 3, "region.onnx": 1,
                                          "manifest.json": 2}
+    vis[0]["region_graph"] = {"file": "region-int8.onnx"}  # a vision variant with its own region graph
+    m["files"]["region-int8.onnx"] = {"bytes": 1}
+    assert "region-int8.onnx" in variant_files(m, resolve_variants(m, "Q4_K_M:int8")[0])
+    assert "region.onnx" in variant_files(m, resolve_variants(m, "Q4_K_M:fp16")[0])
     with pytest.raises(InputError, match="no LLM variant 'Q8_0'"):
         resolve_variants(m, "Q8_0")
 

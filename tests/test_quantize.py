@@ -65,6 +65,10 @@ def test_variants_in_manifest(quantized):
         assert e["precision"] == key and e["file"] in m["files"] and e["cosine_mean"] > 0.99
     assert m["vision_variants"]["int8"]["method"] in ("static-qdq-per-channel", "dynamic")
     assert set(m["vision_variants"]["int8"]["candidates"]) == {"static-qdq-per-channel", "dynamic"}
+    rg = m["vision_variants"]["int8"]["region_graph"]  # the int8 variant brings its own int8 region graph
+    assert rg["file"] == "region-int8.onnx" and rg["bytes"] == m["files"][rg["file"]]["bytes"]
+    assert rg["bytes"] < m["files"][m["referring"]["graph"]]["bytes"] and rg["cosine_min"] > 0.999
+    assert "region_graph" not in m["vision_variants"]["fp16"]
     # the defaults stay full precision
     assert m["llm"]["quant"] == "F32" and m["vision"]["precision"] == "fp32" and m["vision"]["file"] == "vision.onnx"
     fb = m["llm_variants"]["Q4_0"]["fallback_tensors"]  # tied embedding / output: llama.cpp gives it more bits
@@ -87,7 +91,8 @@ def test_engine_loads_variants_and_answers(quantized):
         find_variant(m, "llm", "q2_k")
     answerer = make_answerer(b, llm="Q4_0", vision="int8")  # `chatspot-edge eval BUNDLE --llm --vision`
     try:
-        assert Path(answerer.engine.llm.path).name == "llm-q4_0.gguf"
+        assert answerer.engine.llm.path.name == "llm-q4_0.gguf"
+        assert answerer.engine.region.path.name == "region-int8.onnx"
     finally:
         answerer.engine.close()
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
@@ -203,7 +208,8 @@ def test_report_files_and_keys(report):
     assert any(v == "int8" for _, v in combos) and any(v == "fp16" for _, v in combos)
     for c in j["combinations"]:
         assert set(c["metrics"]) >= {"region_recognition", "point_qa", "hallucination"}
-        assert c["total_bytes"] == sum(c["files"].values()) and "region.onnx" in c["files"]
+        assert c["total_bytes"] == sum(c["files"].values())
+        assert ("region-int8.onnx" if c["vision"] == "int8" else "region.onnx") in c["files"]  # the pair's graph
     assert {t["name"] for t in j["targets"]} >= {"Q8_0 top-1 agreement", "int8 vision speedup vs fp32 ONNX"}
     md = (out / "report.md").read_text()
     assert "| variant |" in md and "Recommended default" in md
