@@ -125,6 +125,8 @@ def quantize(
     data: Optional[Path] = typer.Option(None, "--data", help="SpotWorld folder for calibration and the report (default: generated)"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="torch checkpoint for KL (default: the manifest's)"),
     limit: int = typer.Option(50, "--limit", help="test records in the report"),
+    kl_limit: Optional[int] = typer.Option(None, "--kl-limit", help="test records for KL and top-1 (default: "
+                                                                     "min(--limit, 64))"),
     sensitivity: bool = typer.Option(False, "--sensitivity", help="report: per-layer sensitivity (slow)"),
     recommend: bool = typer.Option(True, "--recommend/--no-recommend", help="report: record `recommended` in the manifest"),
 ) -> None:
@@ -142,8 +144,8 @@ def quantize(
     if report is not None:
         from chatspot_edge.quantize import quality_report
 
-        r = quality_report(bundle, report, data=data, checkpoint=checkpoint, limit=limit, threads=threads,
-                           sensitivity=sensitivity, recommend=recommend, log=typer.echo)
+        r = quality_report(bundle, report, data=data, checkpoint=checkpoint, limit=limit, kl_limit=kl_limit,
+                           threads=threads, sensitivity=sensitivity, recommend=recommend, log=typer.echo)
         for t in r["targets"]:
             mark = "-" if t["pass"] is None else ("ok" if t["pass"] else f"MISSED by {t['missed_by']:.4g}")
             value = "-" if t["value"] is None else f"{t['value']:.4g}"

@@ -103,21 +103,30 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
+CLEAR_MARGIN = 0.1  # reference top-1 probability minus its runner-up's: below this a position is a near-tie
+
+
 def kl_stats(reference: Sequence[np.ndarray], logits: Sequence[np.ndarray]) -> dict[str, float]:
     """KL(P_ref || Q) per position (P from reference log-probs, Q from raw logits): mean, p99, max, and top-1
-    agreement, over all positions of all examples."""
-    kls, agree = [], []
+    agreement, over all positions of all examples; also top-1 agreement at the positions where the reference
+    is not torn between two tokens (`top1_clear`: margin >= CLEAR_MARGIN) and how many positions are near-ties
+    (where any rounding can flip the argmax)."""
+    kls, agree, margin = [], [], []
     for lp, z in zip(reference, logits):
         lp = lp.astype(np.float64)
         lq = _log_softmax(z)
         kls.append(np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0))
         agree.append(lp.argmax(-1) == lq.argmax(-1))
+        top2 = np.exp(np.sort(lp, axis=-1)[:, -2:])
+        margin.append(top2[:, 1] - top2[:, 0])
     k = np.concatenate(kls) if kls else np.zeros(0)
     a = np.concatenate(agree) if agree else np.zeros(0, bool)
+    clear = np.concatenate(margin) >= CLEAR_MARGIN if margin else np.zeros(0, bool)
     if k.size == 0:
         return {"kl_mean": None, "kl_p99": None, "kl_max": None, "top1": None, "n_positions": 0}
     return {"kl_mean": float(k.mean()), "kl_p99": float(np.percentile(k, 99)), "kl_max": float(k.max()),
-            "top1": float(a.mean()), "n_positions": int(k.size)}
+            "top1": float(a.mean()), "n_positions": int(k.size),
+            "top1_clear": float(a[clear].mean()) if clear.any() else None, "near_ties": int((~clear).sum())}
 
 
 def llama_logits(gguf: Path, examples: Sequence[Example], embeds: Sequence[tuple[np.ndarray, np.ndarray | None]],

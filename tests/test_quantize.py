@@ -263,3 +263,15 @@ def test_cli_errors(exported, monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             cli.main()
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_kl_stats_separates_near_ties():
+    from chatspot_edge.quantize.kl import kl_stats
+
+    ref = np.log(np.array([[0.50, 0.45, 0.05], [0.90, 0.05, 0.05]]))  # a near-tie, then a clear position
+    flipped = np.log(np.array([[0.45, 0.50, 0.05], [0.90, 0.05, 0.05]]))  # the near-tie's argmax flips
+    s = kl_stats([ref], [flipped])
+    assert s["n_positions"] == 2 and s["near_ties"] == 1
+    assert s["top1"] == 0.5 and s["top1_clear"] == 1.0 and 0 < s["kl_mean"] < 0.01
+    wrong = np.log(np.array([[0.50, 0.45, 0.05], [0.05, 0.90, 0.05]]))
+    assert kl_stats([ref], [wrong])["top1_clear"] == 0.0
