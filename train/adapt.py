@@ -13,7 +13,7 @@ are written atomically to `OUT.train-state/` (safetensors + JSON, no pickle); `-
 with the same data order. Under `torchrun` the same script runs DDP (gloo on CPU, nccl on GPU): each rank
 takes its share of every global batch and gradients are averaged, so replicas stay identical. `--fsdp`
 shards parameters, gradients and optimizer moments instead (FSDP2 `fully_shard`: one unit per decoder
-layer, one for the vision encoder, the rest at the root), for models that do not fit one device; the same
+layer, the rest at the root), for models that do not fit one device; the same
 batches and the same averaged gradients, so it computes what DDP computes. Checkpoints, resume states and
 evaluations then gather the full weights first.
 """
@@ -166,15 +166,14 @@ def trainable_state(model: torch.nn.Module, opt: torch.optim.Optimizer, sharded:
                 moments[f"{n}::exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
                 steps[n] = float(st["step"])
         return weights, moments, steps
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(sharded, options=full)
-    osd = get_optimizer_state_dict(sharded, opt, options=full)
+    msd = _full_state_dict(sharded)
+    osd = get_optimizer_state_dict(sharded, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     weights, moments, steps = {}, {}, {}
     for n, _ in named:
-        if f"model.{n}" in msd:
-            weights[n] = msd[f"model.{n}"].contiguous()
+        if n in msd:
+            weights[n] = msd[n].contiguous()
         st = (osd.get("state") or {}).get(f"model.{n}", {})
         if "exp_avg" in st:
             moments[f"{n}::exp_avg"] = st["exp_avg"].contiguous()
@@ -523,18 +522,25 @@ def _shard(model: ChatSpotModel) -> torch.nn.Module:
     return fully_shard(_Forward(model))
 
 
+def _full_state_dict(sharded: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The FSDP root's full state dict on rank 0's CPU (empty on the others), keyed like `ChatSpotModel`'s
+    own state dict (the `_Forward` wrapper's "model." prefix removed). A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    msd = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in msd.items()}
+
+
 def gathered_model(model: ChatSpotModel, sharded: torch.nn.Module | None) -> ChatSpotModel | None:
     """The model with full weights: `model` itself without FSDP; under FSDP a plain copy on rank 0 (None on
     the other ranks), gathered from the shards (every rank must call this)."""
     if sharded is None:
         return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    msd = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    msd = _full_state_dict(sharded)
     if dist.get_rank() != 0:
         return None
     plain = ChatSpotModel(model.config)
-    missing, unexpected = plain.load_state_dict({k.removeprefix("model."): v for k, v in msd.items()}, strict=False)
+    missing, unexpected = plain.load_state_dict(msd, strict=False)
     if unexpected or [m for m in missing if m != "llm.lm_head.weight"]:
         raise RuntimeError(f"gathered FSDP state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if plain.llm.config.tie_word_embeddings:
@@ -557,8 +563,8 @@ class _Forward(torch.nn.Module):
         region = self.model.region
         if region is not None and batch["boxes"].numel() == 0 and out.loss is not None:
             # no region in this micro-batch: a zero term keeps the region encoder in the graph, so every rank
-            # reduces the same gradients (FSDP's reduce-scatter needs that; DDP would otherwise search for
-            # unused parameters)
+            # reduces the same gradients (FSDP's reduce-scatter needs that; DDP copes either way, it is built
+            # with find_unused_parameters)
             out.loss = out.loss + 0.0 * sum(p.sum() for p in region.parameters() if p.requires_grad)
         return out
 
