@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from chatspot_edge.errors import InputError
-from chatspot_edge.export.manifest import MANIFEST, tool_versions, verify_bundle, write_manifest
+from chatspot_edge.export.manifest import MANIFEST, region_graph, tool_versions, verify_bundle, write_manifest
 from chatspot_edge.files import atomic_dir
 
 from chatspot_edge.quantize.llm import (SOURCE_ORDER, default_threads, gguf_summary, llm_file_name, llm_type,
@@ -218,14 +218,14 @@ def _vision_variants(manifest: dict, tmp: Path, work: Path, todo: list[str], var
         shutil.move(str(part), str(_fresh(tmp / name)))
         entry = {"file": name, "precision": p, **io, **info, "bytes": (tmp / name).stat().st_size,
                  "measured_on": f"{len(eval_images)} SpotWorld test images, onnxruntime CPU, {threads} threads"}
-        ref = manifest["referring"]
-        if p == "int8" and ref.get("region_token") and ref.get("graph"):
+        base_region = region_graph(manifest, base)
+        if p == "int8" and base_region:
             # the region graph's weights are mostly matrix products: int8 keeps them at a quarter of the size
             region = REGION_INT8_FILE
-            entry["region_graph"] = region_to_int8(tmp / ref["graph"], _fresh(work / region), src, eval_images, threads)
+            entry["region_graph"] = rg = region_to_int8(tmp / base_region, _fresh(work / region), src, eval_images,
+                                                        threads)
             shutil.move(str(work / region), str(_fresh(tmp / region)))
-            rg = entry["region_graph"]
-            log(f"  region graph int8: {ref['graph']} -> {region}, {rg['bytes'] / 1e6:.2f} MB, "
+            log(f"  region graph int8: {base_region} -> {region}, {rg['bytes'] / 1e6:.2f} MB, "
                 f"cosine mean {rg['cosine_mean']:.6f} min {rg['cosine_min']:.6f}")
         variants[p] = entry
         summary["vision"][p] = entry

@@ -307,17 +307,17 @@ def region_to_int8(src: Path, dst: Path, vision: Path, eval_images: Sequence[np.
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["Gemm", "MatMul"])
     _check_io(dst, src)
-    vis, ref, got = session(vision, threads), session(src, threads), session(dst, threads)
+    from chatspot_edge.runtime.vision import OnnxRegion
+
+    ref, got = OnnxRegion(src, threads), OnnxRegion(dst, threads)  # fed by name, as the runtime feeds them
+    embeds = embed(session(vision, threads), eval_images)
     rng = np.random.default_rng(seed)
     a, b = [], []
-    for image in eval_images:
-        emb = vis.run(None, {vis.get_inputs()[0].name: image[None]})[0]
+    for image, emb in zip(eval_images, embeds):
         lo = rng.uniform(0.0, 0.7, (boxes_per_image, 2))
         boxes = np.concatenate([lo, lo + rng.uniform(0.05, 0.3, (boxes_per_image, 2))], 1).astype(np.float32)
-        feeds = {"image_embeds": emb, "boxes": boxes, "image": image[None]}
-        feeds = {i.name: feeds[i.name] for i in ref.get_inputs()}
-        a.append(ref.run(None, feeds)[0].reshape(boxes_per_image, -1))
-        b.append(got.run(None, feeds)[0].reshape(boxes_per_image, -1))
+        a.append(ref(emb, boxes, image))
+        b.append(got(emb, boxes, image))
     stats = cosine_stats(np.concatenate(a)[:, None], np.concatenate(b)[:, None])  # per region
     return {"file": dst.name, "method": "dynamic int8 weights (Gemm / MatMul, per channel)",
             "bytes": dst.stat().st_size, "cosine_mean": stats["cosine_mean"], "cosine_min": stats["cosine_min"],
