@@ -9,13 +9,12 @@ PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 LLAMA_CPP_VERSION := 0.3.36
 
-# llama.cpp CPU build: explicit instruction sets instead of -march=native, so the wheel does not depend on the
-# exact CPU it was built on, and no AMX kernels (ggml's AMX matmul segfaults on quantized models; upstream bug).
-# Override for another target, e.g. `make setup LLAMA_CPU_FLAGS="-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"`.
-LLAMA_CPU_FLAGS ?= -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
-	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON \
-	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_OPENMP=ON -DLLAMA_CURL=OFF $(LLAMA_CPU_FLAGS)
+# llama.cpp CPU build for the CPU it runs on: chatspot_edge/cpu.py maps this CPU's instruction sets to ggml's
+# options (GGML_NATIVE=OFF, each option explicit; AMX kernels always off: ggml's AMX matmul segfaults on
+# quantized models, an upstream bug). The wheel cache is keyed by the resulting options.
+# Override for another target, e.g. `make setup LLAMA_CPU_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON"`.
+LLAMA_CPU_FLAGS ?= $(shell $(PYTHON) chatspot_edge/cpu.py cmake-flags)
+LLAMA_CMAKE_ARGS := -DGGML_OPENMP=ON -DLLAMA_CURL=OFF $(LLAMA_CPU_FLAGS)
 LLAMA_BUILD_KEY := $(shell echo "$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)" | sha256sum | cut -c1-16)
 # Built wheels are kept outside the clone (keyed by version + flags), so a fresh clone does not recompile.
 WHEEL_CACHE ?= $(HOME)/.cache/chatspot-edge/wheels/llama-cpp-$(LLAMA_BUILD_KEY)
