@@ -36,6 +36,10 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-
                        re.IGNORECASE)
 
 
+class ImageTooLarge(InputError):
+    """The decoded image is over the server's upload limit (413)."""
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -104,13 +108,13 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
         data = unquote_to_bytes(payload)
     else:
         if len(payload) > max_bytes * 4 // 3 + 8:
-            raise InputError(f"image is over the {max_bytes / 2**20:g} MiB limit")
+            raise ImageTooLarge(f"image is over the {max_bytes / 2**20:g} MiB limit (--max-upload-mb)")
         try:
             data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
         except (binascii.Error, ValueError) as e:
             raise InputError(f"image_url: invalid base64 ({e})") from None
     if len(data) > max_bytes:
-        raise InputError(f"image is over the {max_bytes / 2**20:g} MiB limit")
+        raise ImageTooLarge(f"image is over the {max_bytes / 2**20:g} MiB limit (--max-upload-mb)")
     if not data:
         raise InputError("image_url: the image is empty")
     return data
@@ -172,7 +176,7 @@ def add_openai_routes(app: FastAPI, engine: Engine, answers: Answers, options: S
             question, url = split_messages(req.messages)
             data = decode_data_url(url, options.max_upload_bytes)
         except InputError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(413 if isinstance(e, ImageTooLarge) else 400, str(e)) from None
         max_tokens = req.max_completion_tokens or req.max_tokens or options.default_max_tokens
         if max_tokens > options.max_tokens:
             raise ApiError(400, f"max_tokens must be 1..{options.max_tokens} (--max-tokens), got {max_tokens}")

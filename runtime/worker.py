@@ -74,7 +74,8 @@ class ModelWorker:
         self.running = False  # a job is executing now
         self.completed = 0
         self.rejected = 0
-        self.timed_out = 0
+        self.stopped = 0  # streams stopped early (consumer gone, deadline, error)
+        self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -82,6 +83,7 @@ class ModelWorker:
 
     def stop(self, wait: float = 10.0) -> None:
         """Finish the running job, drop the queued ones (their callers get `Timeout`), end the thread."""
+        self._stopping = True  # no new jobs
         while True:
             try:
                 job = self._q.get_nowait()
@@ -89,8 +91,9 @@ class ModelWorker:
                 break
             if job is not None:
                 self._fail(job, Timeout(job.timeout_s, started=False))
-        self._q.put(None)
-        self._thread.join(wait)
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join(wait)
 
     @property
     def queued(self) -> int:
@@ -106,6 +109,8 @@ class ModelWorker:
     def _submit(self, fn, stream: bool, deliver, on_stop=None, timeout_s: float | None = None) -> _Job:
         timeout_s = timeout_s or self.timeout_s
         job = _Job(fn, stream, asyncio.get_running_loop(), deliver, time.monotonic() + timeout_s, timeout_s, on_stop)
+        if self._stopping:
+            raise Busy(1)
         try:
             self._q.put_nowait(job)
         except queue.Full:
@@ -162,8 +167,6 @@ class ModelWorker:
             pass
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
-        if isinstance(exc, Timeout):
-            self.timed_out += 1
         self._post(job, ("error", exc))
 
     def _run(self) -> None:
@@ -208,6 +211,7 @@ class ModelWorker:
         except Exception as e:  # noqa: BLE001
             stopped = e
         if stopped is not None:
+            self.stopped += 1
             close = getattr(it, "close", None)
             if close is not None:
                 try:

@@ -94,6 +94,7 @@ async function useFile(file) {
     await openSession();
   } catch (e) {
     showError(e.message);
+    photo.removeAttribute("src");
     $("dropzone").hidden = false;
     $("canvas-wrap").hidden = true;
     $("toolbar").hidden = true;
@@ -483,7 +484,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("file-again").addEventListener("change", (ev) => { useFile(ev.target.files[0]); ev.target.value = ""; });
   $("photo").addEventListener("load", () => { layoutPhoto(); fitCanvas(); });
   window.addEventListener("resize", layoutPhoto);
-  $("photo").addEventListener("error", () => showError("This browser cannot display the image, so regions cannot be drawn on it; questions about the whole image still work."));
+  $("photo").addEventListener("error", () => { // the server took it, the browser cannot show it (e.g. TIFF)
+    if (state.session) showError("This browser cannot display the image, so regions cannot be drawn on it; questions about the whole image still work.");
+  });
   new ResizeObserver(fitCanvas).observe($("photo"));
   const ov = $("overlay");
   ov.addEventListener("pointerdown", onPointerDown);
