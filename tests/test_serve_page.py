@@ -102,14 +102,14 @@ def test_page_click_drag_polygon_streamed_answers(browser, served, engine, tmp_p
         r = resp.value
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.text().count("event: token") > 1  # the answer came in pieces
-        return item.locator(".a").inner_text(), item
+        return item.locator(".a").text_content(), item
 
     # click = a point
     page.mouse.click(*at(80, 60))
     kind, coords = _region(page)
     assert kind == "point" and abs(coords[0] - 80) <= 1 and abs(coords[1] - 60) <= 1
     answer, item = ask("What is this?", 1)
-    assert answer == _alone(engine, image, "What is this?", {"point": coords}, 12).strip()
+    assert answer == _alone(engine, image, "What is this?", {"point": coords}, 12)
     assert "TTFT" in item.locator(".meta").inner_text() and item.get_attribute("data-prefix-reused") == "false"
 
     # drag = a box
@@ -121,7 +121,7 @@ def test_page_click_drag_polygon_streamed_answers(browser, served, engine, tmp_p
     kind, coords = _region(page)
     assert kind == "box" and all(abs(c - e) <= 1 for c, e in zip(coords, [195, 115, 285, 185])), coords
     answer, item = ask("Describe this region.", 2)
-    assert answer == _alone(engine, image, "Describe this region.", {"box": coords}, 12).strip()
+    assert answer == _alone(engine, image, "Describe this region.", {"box": coords}, 12)
     assert item.get_attribute("data-prefix-reused") == "true"  # a follow-up: only the question was prefilled
     assert "image KV reused" in item.locator(".meta").inner_text()
     box_coords = coords
@@ -134,34 +134,43 @@ def test_page_click_drag_polygon_streamed_answers(browser, served, engine, tmp_p
     kind, coords = _region(page)
     assert kind == "polygon" and len(coords) == 3
     answer, item = ask("And this?", 3)
-    assert answer == _alone(engine, image, "And this?", {"polygon": coords}, 12).strip()
-    answers = page.locator("#history .a").all_inner_texts()
+    assert answer == _alone(engine, image, "And this?", {"polygon": coords}, 12)
+    answers = page.locator("#history .a").all_text_contents()
     assert len(set(answers)) == 3  # three regions, three answers
 
-    # the regions are drawn over the image: the box (turn 2's colour, a blue) and the polygon's outline
+    # the regions are drawn over the image: the box (turn 2's colour, a blue; hovering its answer highlights
+    # it) and the polygon's outline (turn 3's green)
+    page.hover("#history li:nth-child(2)")
     shot = tmp_path / "canvas.png"
     page.locator("#canvas-wrap").screenshot(path=str(shot))
     canvas = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     ch, cw = canvas.shape[:2]
     fx, fy = cw / 320, ch / 200
     x1, y1, x2, y2 = box_coords
-    edge = canvas[int(y1 * fy) - 2:int(y1 * fy) + 3, int((x1 + 20) * fx):int((x2 - 20) * fx)]  # the top edge
-    assert _near(edge, (0x25, 0x63, 0xEB)).mean() > 0.2, "the box is not drawn"
-    assert _near(canvas, (0x12, 0xA1, 0x50)).sum() > 50, "the polygon is not drawn"  # turn 3's green
+    edge = canvas[int(y1 * fy) - 3:int(y1 * fy) + 4, int((x1 + 20) * fx):int((x2 - 20) * fx)]  # its top edge
+    assert _near(edge, (0x25, 0x63, 0xEB), 90).any(0).mean() > 0.9, "the box is not drawn"
+    original = np.asarray(Image.open(image_path).convert("RGB")).astype(int)
+    green = (0x12, 0xA1, 0x50)
+    for (ax, ay), (bx, by) in zip(coords, coords[1:] + coords[:1]):  # the middle of each polygon side
+        mx, my = (ax + bx) / 2, (ay + by) / 2
+        patch = canvas[int(my * fy) - 3:int(my * fy) + 4, int(mx * fx) - 3:int(mx * fx) + 4]
+        under = original[int(my) - 2:int(my) + 3, int(mx) - 2:int(mx) + 3]
+        assert _near(patch, green, 60).any() and not _near(under, green, 60).any(), "the polygon is not drawn"
 
-    # reset: the history goes, questions still work
-    page.click("#reset")
-    page.locator("#history li").first.wait_for(state="detached")
-    answer, _ = ask("And this?", 1)
-    assert answer == _alone(engine, image, "And this?", {"polygon": coords}, 12).strip()
-
-    shot = tmp_path / "serve-page.png"
+    shot = tmp_path / "serve-page.png"  # the test artifact: three regions and their answers
     page.screenshot(path=str(shot))
     artifacts = os.environ.get("CHATSPOT_TEST_ARTIFACTS")
     if artifacts:
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(artifacts) / shot.name)
     print(f"screenshot: {shot}")
+
+    # reset: the history goes, questions still work
+    page.click("#reset")
+    page.locator("#history li").first.wait_for(state="detached")
+    answer, _ = ask("And this?", 1)
+    assert answer == _alone(engine, image, "And this?", {"polygon": coords}, 12)
+
     assert outside == [], f"the page fetched from elsewhere: {outside}"
     assert problems == [], problems
     context.close()
