@@ -7,7 +7,6 @@ screenshot is kept as a test artifact (`serve-page.png` in the test's tmp folder
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
