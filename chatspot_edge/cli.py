@@ -65,6 +65,10 @@ def adapt(
     warm_start: Optional[Path] = typer.Option(None, "--warm-start",
                                               help="copy projector, region encoder and added-token embeddings "
                                                    "from this checkpoint (same vision encoder and hidden size)"),
+    referring: Optional[str] = typer.Option(None, "--referring",
+                                            help="referring format: text (chatspot-text-v1, the default) or loc "
+                                                 "(chatspot-loc-v1: one <loc_k> token per coordinate)"),
+    bins: Optional[int] = typer.Option(None, "--bins", help="loc: bins per axis N (default 32)"),
 ) -> None:
     """Referring-instruction tuning (ChatSpot's two stages): projector alignment, then projector + LLM."""
     from chatspot_edge.train.adapt import AdaptOptions, adapt as run_adapt
@@ -74,7 +78,8 @@ def adapt(
                         eval_samples=eval_samples,
                         save_every=save_every, resume=resume, lora=lora, fsdp=fsdp, seed=seed, vision_pool=vision_pool,
                         region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed,
-                        region_align=region_align, region_placement=region_placement, warm_start=warm_start)
+                        region_align=region_align, region_placement=region_placement, warm_start=warm_start,
+                        referring=referring, bins=bins)
     run_adapt(opts)
 
 

@@ -20,6 +20,7 @@ class TorchAnswerer:
                  autocast: torch.dtype | None = None, device: str = "cpu"):
         self.model = model.eval()
         self.proc = Processor(tokenizer, model.config)
+        self.referring = self.proc.referring  # the format of its grounding answers
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.autocast = autocast

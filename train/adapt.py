@@ -43,6 +43,7 @@ from chatspot_edge.model.chatspot import ChatSpotModel, ChatSpotOutput
 from chatspot_edge.model.checkpoint import save_checkpoint
 from chatspot_edge.model.preprocess import resize_pixels
 from chatspot_edge.model.processor import Processor
+from chatspot_edge.referring import SPECIAL_TOKENS
 
 PRESET_DEFAULTS = {  # batch size, stage-2 minutes, stage-1 steps, LLM LR, projector LR
     "tiny": dict(batch_size=4, minutes=1.0, stage1_steps=2, lr_llm=1e-3, lr_proj=2e-3),
@@ -79,6 +80,8 @@ class AdaptOptions:
     init: Path | None = None  # start from an existing checkpoint instead of the preset
     warm_start: Path | None = None  # copy projector, region encoder and added-token rows from this checkpoint
     blocks: str | None = None  # mini: which SmolLM2 blocks to keep, e.g. "0,6,12,18,24,29"
+    referring: str | None = None  # referring format: "text" (chatspot-text-v1) or "loc" (chatspot-loc-v1); None: the
+    bins: int | None = None  # model's own (a preset: text). bins: loc's N per axis (default referring.DEFAULT_BINS)
     lr_llm: float | None = None  # override the preset's LLM (transformer blocks) learning rate
     lr_embed: float | None = None  # learning rate of the (tied) token embeddings; default: lr_llm
     quiet: bool = False
@@ -273,13 +276,19 @@ def _param_groups(model: ChatSpotModel, lr_llm: float, lr_proj: float, lr_embed:
 
 def _build_model(opts: AdaptOptions):
     from chatspot_edge.model.checkpoint import load_checkpoint
+    from chatspot_edge.model.loc_tokens import set_referring
     from chatspot_edge.model.presets import build_preset
+    from chatspot_edge.referring import format_option
 
+    fmt = format_option(opts.referring, opts.bins)
     if opts.init is not None:
-        return load_checkpoint(opts.init)
+        model, tok = load_checkpoint(opts.init)
+        if fmt is not None:  # a text-v1 checkpoint learns the loc format: its loc tokens are added here
+            set_referring(model, tok, fmt)
+        return model, tok
     blocks = tuple(int(b) for b in opts.blocks.split(",")) if opts.blocks else None
     model, tok = build_preset(opts.preset, pretrained=True, vision_pool=opts.vision_pool, seed=opts.seed,
-                              blocks=blocks)
+                              blocks=blocks, referring=fmt)
     if not opts.region_token:
         model.config.region_token = False
         model.region = None
@@ -290,9 +299,10 @@ def _build_model(opts: AdaptOptions):
 
 def warm_start_from(model: ChatSpotModel, source: Path) -> dict:
     """Copy the projector, the region encoder and the embedding rows of the added tokens (`<image>`, `<box>`,
-    `</box>`, `<region>`) from another checkpoint with the same vision encoder and hidden size (e.g. a trained
-    mini into smol: both feed SmolLM2's embedding space). The LLM blocks stay the preset's. Returns what was
-    copied and the source's training time (a warm start's cost counts in the total)."""
+    `</box>`, `<region>`, and `<loc_k>` when both speak chatspot-loc-v1 with the same bins) from another
+    checkpoint with the same vision encoder and hidden size (e.g. a trained mini into smol: both feed SmolLM2's
+    embedding space). The LLM blocks stay the preset's. Returns what was copied and the source's training time
+    (a warm start's cost counts in the total)."""
     from chatspot_edge.model.checkpoint import load_checkpoint
 
     src, _ = load_checkpoint(source)
@@ -306,12 +316,23 @@ def warm_start_from(model: ChatSpotModel, source: Path) -> dict:
                 continue
             mine.load_state_dict(theirs.state_dict())
             copied.append(name)
-        first = model.config.image_token_id  # added tokens follow the base vocabulary
         emb, src_emb = model.llm.get_input_embeddings().weight, src.llm.get_input_embeddings().weight
-        emb[first:] = src_emb[first:]
-        copied.append(f"embedding rows {first}-{emb.shape[0] - 1}")
+        rows = _added_rows(model)
+        src_rows = _added_rows(src)
+        if model.config.referring_format != src.config.referring_format:  # <loc_k> rows only for the same bins
+            rows, src_rows = rows[:len(SPECIAL_TOKENS)], src_rows[:len(SPECIAL_TOKENS)]
+        emb[rows] = src_emb[src_rows]
+        copied.append(f"embedding rows of {len(rows)} added tokens")
     seconds = (src.config.provenance.get("adapt") or {}).get("train_seconds")
     return {"checkpoint": str(source), "copied": copied, "source_train_seconds": seconds}
+
+
+def _added_rows(model: ChatSpotModel) -> list[int]:
+    """Embedding rows of ChatSpot's added tokens: `<image>`, `<box>`, `</box>`, `<region>`, then `<loc_k>`."""
+    from chatspot_edge.model.loc_tokens import loc_token_ids
+
+    c = model.config
+    return [c.image_token_id, c.box_start_id, c.box_end_id, c.region_token_id, *loc_token_ids(model)]
 
 
 def adapt(opts: AdaptOptions) -> dict:
