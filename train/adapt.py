@@ -82,6 +82,8 @@ class AdaptOptions:
     blocks: str | None = None  # mini: which SmolLM2 blocks to keep, e.g. "0,6,12,18,24,29"
     referring: str | None = None  # referring format: "text" (chatspot-text-v1) or "loc" (chatspot-loc-v1); None: the
     bins: int | None = None  # model's own (a preset: text). bins: loc's N per axis (default referring.DEFAULT_BINS)
+    device: str | None = None  # cpu, cuda or auto; None: cpu, or cuda when CHATSPOT_DEVICE=cuda and a GPU is present
+    deadline: float | None = None  # wall-clock time (time.time()) by which stage 2 ends, if sooner than `minutes`
     lr_llm: float | None = None  # override the preset's LLM (transformer blocks) learning rate
     lr_embed: float | None = None  # learning rate of the (tied) token embeddings; default: lr_llm
     quiet: bool = False
@@ -360,6 +362,10 @@ def adapt(opts: AdaptOptions) -> dict:
         if use_cuda:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
+    elif opts.device is not None:
+        from chatspot_edge.devices import resolve_device
+
+        device = resolve_device(opts.device)
     elif torch.cuda.is_available() and os.environ.get("CHATSPOT_DEVICE", "") == "cuda":
         device = "cuda"
     if device == "cpu" and distributed:
@@ -474,21 +480,29 @@ def adapt(opts: AdaptOptions) -> dict:
     t2 = time.perf_counter()
     timing_steps = 5
     tokens_seen, t_last, last_print = 0, time.perf_counter(), 0.0
+    steps_here, t_step1 = 0, t2  # stage-2 steps of this process; the end of its first (warm-up) step
     while total is None or meta["step"] < total:
         warm = max(1, int(opts.warmup * (total or 1000)))
         loss, n_tok = train_step(data2, opt, lr_factor(meta["step"], total or 1000, warm))
         meta["step"] += 1
+        steps_here += 1
+        t_step1 = time.perf_counter() if steps_here == 1 else t_step1
         tokens_seen += n_tok
         meta["losses"].append([2, meta["step"], round(loss, 4)])
-        if total is None and meta["step"] == timing_steps:  # fix the schedule from the measured step time
-            per_step = (time.perf_counter() - t2) / timing_steps
-            est = int(minutes * 60 / per_step)
+        if total is None and meta["step"] >= timing_steps and steps_here > 1:  # fix the schedule from the step time
+            now = time.perf_counter()
+            per_step = (now - t_step1) / (steps_here - 1)  # the first step's warm-up (allocations, kernels) left out
+            left = minutes * 60 - (now - t2)
+            if opts.deadline is not None:  # stage 2 also ends by this wall-clock time
+                left = min(left, opts.deadline - time.time())
+            est = meta["step"] + int(max(0.0, left) / per_step)
             if distributed:
                 t = torch.tensor([est], dtype=torch.long)
                 dist.broadcast(t, 0)
                 est = int(t)
             total = meta["total_steps"] = max(timing_steps + 1, est)
-            _log(opts, rank, f"stage 2: {per_step:.2f} s/step -> {total} steps in {minutes:g} min")
+            _log(opts, rank, f"stage 2: {per_step:.2f} s/step -> {total} steps in "
+                             f"{(now - t2 + max(0.0, left)) / 60:.1f} min")
         now = time.perf_counter()
         if now - last_print > 5 or meta["step"] == total:
             rate = tokens_seen / max(now - t_last, 1e-9)
@@ -514,6 +528,7 @@ def adapt(opts: AdaptOptions) -> dict:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     elapsed = time.perf_counter() - t_start
+    stage2_seconds = time.perf_counter() - t2  # this process's stage 2 (a resumed run: since the resume)
     model.eval()
     if sharded is not None:
         model = gathered_model(model, sharded)  # full weights on rank 0 (a collective)
@@ -530,7 +545,8 @@ def adapt(opts: AdaptOptions) -> dict:
         _log(opts, rank, f"wrote {opts.out} ({meta['step']} stage-2 steps, {elapsed / 60:.1f} min)")
     if distributed:
         dist.barrier()
-    return {"steps": meta["step"], "seconds": elapsed, "losses": meta["losses"], "evals": meta["evals"], "model": model}
+    return {"steps": meta["step"], "seconds": elapsed, "stage2_seconds": stage2_seconds, "losses": meta["losses"],
+            "evals": meta["evals"], "model": model}
 
 
 def _shard(model: ChatSpotModel) -> torch.nn.Module:
@@ -591,7 +607,8 @@ class _Forward(torch.nn.Module):
 
 
 def quick_eval(model: ChatSpotModel, tok, data: Path, n: int) -> dict:
-    """Region recognition and point QA on the first `n` test records (the learning curve)."""
+    """Region recognition and point QA on the first `n` test records (the learning curve), on the model's own
+    device (bf16 autocast)."""
     from chatspot_edge.data import load_image, load_split
     from chatspot_edge.evaluation.answerers import TorchAnswerer
     from chatspot_edge.evaluation.protocol import evaluate
