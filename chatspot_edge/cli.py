@@ -65,6 +65,12 @@ def adapt(
     warm_start: Optional[Path] = typer.Option(None, "--warm-start",
                                               help="copy projector, region encoder and added-token embeddings "
                                                    "from this checkpoint (same vision encoder and hidden size)"),
+    referring: Optional[str] = typer.Option(None, "--referring",
+                                            help="referring format: text (chatspot-text-v1, the default) or loc "
+                                                 "(chatspot-loc-v1: one <loc_k> token per coordinate)"),
+    bins: Optional[int] = typer.Option(None, "--bins", help="loc: bins per axis N (default 32)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: cpu, or cuda when "
+                                                                "CHATSPOT_DEVICE=cuda and a GPU is present)"),
 ) -> None:
     """Referring-instruction tuning (ChatSpot's two stages): projector alignment, then projector + LLM."""
     from chatspot_edge.train.adapt import AdaptOptions, adapt as run_adapt
@@ -74,7 +80,8 @@ def adapt(
                         eval_samples=eval_samples,
                         save_every=save_every, resume=resume, lora=lora, fsdp=fsdp, seed=seed, vision_pool=vision_pool,
                         region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed,
-                        region_align=region_align, region_placement=region_placement, warm_start=warm_start)
+                        region_align=region_align, region_placement=region_placement, warm_start=warm_start,
+                        referring=referring, bins=bins, device=device)
     run_adapt(opts)
 
 
@@ -88,11 +95,14 @@ def eval_cmd(
     split: str = typer.Option("test"),
     llm: Optional[str] = typer.Option(None, "--llm", help="bundle: LLM variant (e.g. Q4_K_M; default: the manifest's)"),
     vision: Optional[str] = typer.Option(None, "--vision", help="bundle: vision variant (e.g. int8)"),
+    device: str = typer.Option("auto", "--device", help="checkpoint: cpu, cuda or auto (CUDA when present); "
+                                                        "a bundle always runs on the CPU runtime"),
 ) -> None:
     """ChatSpot evaluation protocol (SPEC section 6) on a checkpoint or a bundle."""
     from chatspot_edge.evaluation import evaluate_path
 
-    result = evaluate_path(model, data, out, split=split, limit=limit, batch_size=batch_size, llm=llm, vision=vision)
+    result = evaluate_path(model, data, out, split=split, limit=limit, batch_size=batch_size, llm=llm, vision=vision,
+                           device=device)
     for k, v in result["metrics"].items():
         typer.echo(f"{k:>20}: {'-' if v is None else f'{v:.4f}'}")
 
