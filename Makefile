@@ -26,7 +26,7 @@ WHEEL_CACHE ?= $(CACHE_ROOT)/wheels/llama-cpp-$(LLAMA_BUILD_KEY)
 STAMP := $(VENV)/.stamps
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup native demo test clean-venv
+.PHONY: setup native demo test clean-venv browser
 
 setup: $(STAMP)/project
 
@@ -87,8 +87,14 @@ $(NATIVE_DIR)/.built: | $(STAMP)/venv
 demo: setup
 	$(VENV)/bin/chatspot-edge pipeline --preset mini --out $(DEMO_DIR)
 
-test: setup
-	$(PY) -m pytest -q tests
+test: setup browser
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pytest -q tests
+
+# The serve page's browser tests drive Debian's Chromium through Playwright, which never downloads a browser.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { echo "installing Debian's chromium for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
 clean-venv:
 	rm -rf $(VENV)

@@ -214,6 +214,38 @@ def chat(
 
 
 @app.command()
+def serve(
+    bundle: Path = typer.Argument(...),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (another than loopback needs --allow-remote)"),
+    port: int = typer.Option(8000, help="port (0: any free port; the URL is printed)"),
+    allow_remote: bool = typer.Option(False, "--allow-remote",
+                                      help="allow a non-loopback --host (no authentication: anyone who can reach it "
+                                           "can use the model)"),
+    llm: Optional[str] = typer.Option(None, help="LLM variant (e.g. Q4_K_M); default: the manifest's"),
+    vision: Optional[str] = typer.Option(None, help="vision variant (fp32, fp16, int8)"),
+    threads: Optional[int] = typer.Option(None),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="largest image upload"),
+    max_queue: int = typer.Option(16, "--max-queue", help="requests waiting for the model; more get 503 + Retry-After"),
+    timeout: float = typer.Option(120.0, "--timeout", help="seconds per request, queue wait included (504 after)"),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="the longest answer a request may ask for"),
+    session_ttl: float = typer.Option(1800.0, "--session-ttl", help="seconds an idle session is kept"),
+    max_sessions: int = typer.Option(64, "--max-sessions", help="open sessions (images) at most"),
+) -> None:
+    """Local web page at / (click, drag a box or draw a polygon on your image; streamed answers) and an HTTP
+    API described at /openapi.json, including an OpenAI-style /v1/chat/completions."""
+    from chatspot_edge.runtime.server import ServeOptions, serve as run_serve
+
+    for name, value in (("--max-upload-mb", max_upload_mb), ("--max-queue", max_queue), ("--timeout", timeout),
+                        ("--max-tokens", max_tokens), ("--session-ttl", session_ttl), ("--max-sessions", max_sessions)):
+        if value <= 0:
+            raise InputError(f"{name} must be positive, got {value}")
+    options = ServeOptions(max_queue=max_queue, timeout_s=timeout, max_upload_mb=max_upload_mb, max_tokens=max_tokens,
+                           default_max_tokens=min(128, max_tokens), session_ttl_s=session_ttl, max_sessions=max_sessions)
+    run_serve(bundle, host=host, port=port, allow_remote=allow_remote, llm=llm, vision=vision, threads=threads,
+              options=options)
+
+
+@app.command()
 def pipeline(
     preset: str = typer.Option("mini"),
     out: Path = typer.Option(Path("runs/demo")),
