@@ -53,3 +53,14 @@ def spread():
             layer.weight.mul_(s)
             layer.bias.mul_(s)
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def spread_bundle(spread, tmp_path_factory):
+    """The `spread` model exported as a bundle (F32 GGUF): runtime answers that depend on image and region."""
+    from chatspot_edge.export import export_bundle
+    from chatspot_edge.model.checkpoint import save_checkpoint
+
+    d = tmp_path_factory.mktemp("spread")
+    save_checkpoint(*spread, d / "ck")
+    return export_bundle(d / "ck", d / "bundle", llm_dtype="f32")
