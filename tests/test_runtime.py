@@ -255,5 +255,6 @@ def test_bundle_eval_uses_the_same_protocol(bundle, spread, tmp_path):
     a = evaluate(runtime, records, load)
     b = evaluate(TorchAnswerer(*spread, max_new_tokens=6), records, load)
     assert a["metrics"].keys() == b["metrics"].keys() and len(a["answers"]) == len(b["answers"]) > 10
+    assert len(set(b["answers"])) > len(b["answers"]) // 2  # answers depend on the question, region and image
     same = sum(x == y for x, y in zip(a["answers"], b["answers"]))
     assert same >= 0.9 * len(a["answers"]), (same, len(a["answers"]))  # trained-model parity: make demo
