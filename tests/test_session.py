@@ -73,3 +73,15 @@ def test_image_cache_is_a_bounded_lru_keyed_by_content(spread_bundle):
         s.close()
     finally:
         eng.close()
+
+
+def test_a_stop_string_ends_the_answer_and_is_never_streamed(engine, monkeypatch):
+    s = engine.session(_image(1))
+    full = s.ask("Describe the image.", max_tokens=12, stream=False)
+    k = len(full) // 2
+    stop = full[k:k + 4]  # a piece of the answer's middle becomes the stop string
+    assert len(stop) == 4 and full.find(stop) == k and s.timings.n_generated == 12
+    monkeypatch.setattr(engine, "stop", ("<|im_end|>", stop))
+    pieces = list(s.ask("Describe the image.", max_tokens=12))
+    assert "".join(pieces) == full[:k]  # nothing of the stop string, not even its first characters, was sent
+    assert s.timings.n_generated < 12  # generation ended there

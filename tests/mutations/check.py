@@ -80,7 +80,7 @@ MUTATIONS = [
     Mutation("no-end-of-turn", "the runtime ignores the end-of-turn token and stop strings", [
         ("runtime/engine.py", "            if clock(llm.is_eog, tok):", "            if False:"),
         ("runtime/engine.py", "            cut = _stop_at(text, eng.stop)", "            cut = None"),
-    ], ["tests/test_runtime.py", "tests/test_cli.py"]),
+    ], ["tests/test_runtime.py", "tests/test_session.py"], "stop or stream or greedy"),
     Mutation("image-cache-key", "the encoded-image cache is keyed by the image's shape, not its pixels", [
         ("runtime/engine.py", "key = hashlib.sha256(pixels.tobytes()).hexdigest()", "key = str(pixels.shape)"),
     ], ["tests/test_runtime.py", "tests/test_session.py"], "followup or greedy or cache"),
