@@ -132,7 +132,7 @@ def run_tests(m: Mutation, tests_root: Path) -> tuple[list[str], str, float]:
         cmd += ["-k", m.select]
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=tests_root, capture_output=True, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-    failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)))
+    failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", r.stdout, re.M)))
     tail = (r.stdout.strip().splitlines() or [""])[-1]
     return failed, tail, time.perf_counter() - t
 
