@@ -162,7 +162,11 @@ def main() -> None:
         caught = bool(failed)
         if not caught:
             missed.append(m.name)
-        shown = ", ".join(f.split("/")[-1] for f in failed[:6]) + (f" (+{len(failed) - 6})" if len(failed) > 6 else "")
+        by_test: dict[str, int] = {}  # test function -> failing parametrizations
+        for f in failed:
+            name = re.sub(r"\[.*\]$", "", f.split("/")[-1])
+            by_test[name] = by_test.get(name, 0) + 1
+        shown = ", ".join(name + (f" ({n} cases)" if n > 1 else "") for name, n in by_test.items())
         rows.append(f"| {m.name} | {m.bug} | {'yes' if caught else 'NO'} | {shown or tail} | {secs:.0f} |")
         print(rows[-1], flush=True)
     print("\n| mutation | bug | caught | failing tests | s |\n| --- | --- | --- | --- | --- |")
