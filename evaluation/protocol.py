@@ -61,7 +61,11 @@ def contains_word(answer: str, word: str) -> bool:
 
 
 def ocr_match(answer: str, text: str) -> bool:
-    a = answer.strip().strip(".").strip().strip("\"'").strip()
+    """Case-insensitive exact text; surrounding spaces, quotes and a final period are ignored, the period
+    outside the quotes (`"sleep".`) or inside them (`"sleep."`)."""
+    a = answer
+    for _ in range(2):
+        a = a.strip().strip(".").strip().strip("\"'").strip()
     return a.lower() == text.strip().lower()
 
 

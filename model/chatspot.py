@@ -119,7 +119,8 @@ class ChatSpotModel(nn.Module):
         if image_embeds is None and pixels is not None:
             image_embeds = self.encode_image(pixels)
         emb = self.embed(input_ids, image_embeds, boxes, box_batch, pixels)
-        hidden = self.llm.model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+        # get_decoder(): the LlamaModel, also through a peft (LoRA) wrapper, where `.model` is the LlamaForCausalLM
+        hidden = self.llm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
         if labels is None:
             return ChatSpotOutput(loss=None, logits=self.llm.lm_head(hidden))
         targets = labels[:, 1:]
@@ -145,7 +146,7 @@ class ChatSpotModel(nn.Module):
         words, which breaks the start-up plateau where the LLM ignores a still-random region embedding.
         targets: `[B, T-1]` next-token labels (IGNORE_INDEX outside answers)."""
         region = self.encode_regions(image_embeds, boxes, box_batch, pixels)  # [R, d]
-        logp = torch.log_softmax(self.llm.lm_head(self.llm.model.norm(region)).float(), dim=-1)  # [R, V]
+        logp = torch.log_softmax(self.llm.lm_head(self.llm.get_decoder().norm(region)).float(), dim=-1)  # [R, V]
         answer = targets[box_batch]  # [R, T-1]
         keep = (answer != IGNORE_INDEX) & (answer != self.config.eos_token_id)
         picked = torch.gather(logp, 1, answer.clamp(min=0)) * keep  # log p(answer token) per position

@@ -6,6 +6,7 @@ students share token ids and a student can be distilled on a teacher's logits.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -89,16 +90,23 @@ def add_loc_tokens(tokenizer, bins: int) -> int:
     return first
 
 
-def smollm2_tokenizer():
-    """SmolLM2's tokenizer with ChatSpot's special tokens added (ids 49152..49155)."""
+@functools.lru_cache(maxsize=1)
+def _smollm2_tokenizer_meta() -> dict[str, Any]:
+    """The tokenizer fields of SmolLM2's GGUF, read once per process (gguf's reader takes seconds over the 49k
+    tokens and merges; every preset build needs them)."""
     import gguf
 
     reader = gguf.GGUFReader(str(smollm2_gguf_path()))
     f = lambda k: (reader.get_field(k).contents() if reader.get_field(k) is not None else None)  # noqa: E731
     K = gguf.Keys.Tokenizer
-    tok = dict(model=f(K.MODEL), pre=f(K.PRE), tokens=f(K.LIST), token_types=f(K.TOKEN_TYPE), merges=f(K.MERGES),
-               bos_token_id=f(K.BOS_ID), eos_token_id=f(K.EOS_ID), pad_token_id=f(K.PAD_ID), unk_token_id=f(K.UNK_ID))
-    tokenizer = bpe_tokenizer_from_gguf_meta(tok)
+    return dict(model=f(K.MODEL), pre=f(K.PRE), tokens=tuple(f(K.LIST)), token_types=tuple(f(K.TOKEN_TYPE)),
+                merges=tuple(f(K.MERGES)), bos_token_id=f(K.BOS_ID), eos_token_id=f(K.EOS_ID),
+                pad_token_id=f(K.PAD_ID), unk_token_id=f(K.UNK_ID))
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer with ChatSpot's special tokens added (ids 49152..49155); a new object every call."""
+    tokenizer = bpe_tokenizer_from_gguf_meta(_smollm2_tokenizer_meta())
     add_chatspot_tokens(tokenizer)
     return tokenizer
 

@@ -3,6 +3,17 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see chatspot_edge/__init__.py
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests must not depend on how fast or busy the machine is: no per-example deadline (hypothesis'
+# default of 200 ms fails under load on 2 cores), no "too slow" health check, a fixed number of examples drawn
+# the same way on every run (derandomize), and no example database carried between runs.
+# HYPOTHESIS_PROFILE=explore draws 20x more, fresh examples each run: for looking for new failures by hand.
+settings.register_profile("chatspot", deadline=None, max_examples=100, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("explore", deadline=None, max_examples=2000, database=None,
+                          suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "chatspot"))
 
 
 @pytest.fixture(scope="session")
@@ -11,6 +22,48 @@ def tiny():
     from chatspot_edge.model.presets import build_preset
 
     return build_preset("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def spread():
+    """A tiny model whose greedy answers depend on the image and the region, for parity tests.
+
+    The random tiny preset answers the same token whatever the input (its logits are nearly flat), so a path
+    that ignored the image or the region would still "agree" with torch. Here the LLM's weights are large
+    enough that greedy answers vary, and the projector's and region encoder's output layers are scaled so
+    image and region rows have unit RMS, like the token embeddings they sit among."""
+    import torch
+
+    from chatspot_edge.model.presets import build_preset
+
+    model, tok = build_preset("tiny", seed=1)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "embed" in name else 0.35))
+        pixels = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=g)
+        boxes = torch.tensor([[0.1, 0.2, 0.45, 0.61], [0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0], [0.6, 0.1, 0.9, 0.4]])
+        image = model.encode_image(pixels)
+        image_scale = 1.0 / float(image.pow(2).mean().sqrt())
+        region = model.encode_regions(image, boxes, torch.arange(4), pixels)
+        region_scale = 1.0 / float(region.pow(2).mean().sqrt())
+        for layer, s in ((model.projector.linear_2, image_scale), (model.region.proj[-1], region_scale),
+                         (model.region.appearance[-1], region_scale)):
+            layer.weight.mul_(s)
+            layer.bias.mul_(s)
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def spread_bundle(spread, tmp_path_factory):
+    """The `spread` model exported as a bundle (F32 GGUF): runtime answers that depend on image and region."""
+    from chatspot_edge.export import export_bundle
+    from chatspot_edge.model.checkpoint import save_checkpoint
+
+    d = tmp_path_factory.mktemp("spread")
+    save_checkpoint(*spread, d / "ck")
+    return export_bundle(d / "ck", d / "bundle", llm_dtype="f32")
 
 
 @pytest.fixture(scope="session")

@@ -57,8 +57,9 @@ def _positive(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
 
-def test_bench_json_has_every_spec_key(bench_json):
+def test_bench_json_has_every_spec_key(bench_json, tiny_bundle):
     d = bench_json
+    _, bundle = tiny_bundle
     for k in ("machine", "bundle", "variants", "reference"):
         assert k in d
     m = d["machine"]
@@ -75,10 +76,12 @@ def test_bench_json_has_every_spec_key(bench_json):
     for k in VARIANT_KEYS[2:]:
         assert _positive(v[k]), (k, v[k])
     assert isinstance(v["bytes"], int)
-    assert v["bytes"] == sum(v["files"].values()) and "llm-f16.gguf" in v["files"] and "vision.onnx" in v["files"]
+    # what a device needs for this variant, as the files on disk: GGUF, vision and region graphs, manifest
+    on_disk = {f: (bundle / f).stat().st_size for f in ("llm-f16.gguf", "vision.onnx", "region.onnx", "manifest.json")}
+    assert v["files"] == on_disk and v["bytes"] == sum(on_disk.values())
     for k in ("ttft_cold_ms", "decode_tok_s", "vision_ms"):
         s = v[f"{k}_stats"]
-        assert s["n"] == 2 and s["min"] <= s["p50"] <= s["max"]
+        assert s["n"] == 2 and v[k] == s["p50"] == (s["min"] + s["max"]) / 2  # the figure is the median of 2 runs
     assert v["n_prompt_cold"] > 16 and 0 < v["n_prompt_followup"] < v["n_prompt_cold"]
     assert v["suite_questions"] == 8
     lim = v["limits"]

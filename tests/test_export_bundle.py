@@ -19,13 +19,13 @@ from chatspot_edge.export.llama_check import LlamaCheck, split_segments
 from chatspot_edge.export.onnx_vision import onnx_session
 from chatspot_edge.files import file_sha256
 from chatspot_edge.model.checkpoint import save_checkpoint
-from chatspot_edge.model.presets import build_preset
 from chatspot_edge.model.processor import Processor
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return build_preset("tiny")
+def tiny(spread):
+    """The tiny preset with weights whose greedy answers depend on the image and the region (tests/conftest.py)."""
+    return spread
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +162,13 @@ QUESTIONS = [
 ]
 
 
+MOVED = (0.6, 0.6, 0.9, 0.9)  # a region elsewhere: its row replaces the question's own region rows
+
+
 @pytest.mark.llama
 def test_full_chain_greedy_matches_torch(bundle, tiny):
-    """GGUF via llama.cpp + vision.onnx / region.onnx via onnxruntime == torch `generate` (8 greedy tokens)."""
+    """GGUF via llama.cpp + vision.onnx / region.onnx via onnxruntime == torch `generate` (8 greedy tokens), on
+    inputs whose answers differ: another image, or another region row, changes torch's answer."""
     model, tok = tiny
     m = verify_bundle(bundle)
     proc = Processor(tok, model.config)
@@ -172,19 +176,30 @@ def test_full_chain_greedy_matches_torch(bundle, tiny):
     vision = onnx_session(bundle / m["vision"]["file"])
     region = onnx_session(bundle / m["referring"]["graph"])
     rng = np.random.default_rng(3)
+    shape = (1, m["image"]["height"], m["image"]["width"], 3)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(2)]
+    cases = {}  # (question, image index, region moved?) -> (ids, image, boxes)
+    for q in QUESTIONS:
+        enc = proc.encode_prompt(q)
+        for k, img in enumerate(images):
+            cases[q, k, False] = (enc.ids, img, enc.boxes)
+            if enc.boxes:
+                cases[q, k, True] = (enc.ids, img, [MOVED] * len(enc.boxes))
+    ref = {key: model.generate([ids], torch.from_numpy(img), [boxes], max_new_tokens=8)[0]
+           for key, (ids, img, boxes) in cases.items()}
+    # the check is not vacuous: a chain that dropped the image or the region rows would answer differently
+    assert any(ref[q, 0, False] != ref[q, 1, False] for q in QUESTIONS)
+    assert any(ref[key] != ref[key[:2] + (False,)] for key in ref if key[2])
     with LlamaCheck(bundle / m["llm"]["file"], n_ctx=256, n_threads=2) as lc:
-        for q in QUESTIONS:
-            enc = proc.encode_prompt(q)
-            img = rng.integers(0, 256, (1, m["image"]["height"], m["image"]["width"], 3), dtype=np.uint8)
+        for key, (ids, img, boxes) in cases.items():
             emb = vision.run(["image_embeds"], {"image": img})[0]
             replace = {st["image"]: emb[0]}
-            if enc.boxes:
+            if boxes:
                 replace[st["region"]] = region.run(
-                    ["region_embeds"], {"image_embeds": emb, "boxes": np.asarray(enc.boxes, dtype=np.float32),
+                    ["region_embeds"], {"image_embeds": emb, "boxes": np.asarray(boxes, dtype=np.float32),
                                         "image": img})[0]
-            got = lc.greedy(split_segments(enc.ids, replace), max_new_tokens=8)
-            ref = model.generate([enc.ids], torch.from_numpy(img), [enc.boxes], max_new_tokens=8)[0]
-            assert got == ref, q
+            got = lc.greedy(split_segments(ids, replace), max_new_tokens=8)
+            assert got == ref[key], key
 
 
 def test_no_region_token_bundle_with_coreml(tiny, tmp_path):
@@ -225,6 +240,13 @@ def test_llava_folder_exports_and_runs(tmp_path):
     torch.manual_seed(0)
     hf = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc,
                                                    image_token_index=tok.convert_tokens_to_ids("<image>"))).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # as the `spread` fixture: greedy answers that depend on the image
+        for name, p in hf.named_parameters():
+            if "language_model" in name and p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "embed" in name else 0.35))
+        hf.model.multi_modal_projector.linear_2.weight.mul_(30.0)
+        hf.model.multi_modal_projector.linear_2.bias.mul_(30.0)
     folder = tmp_path / "llava"
     hf.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -232,20 +254,20 @@ def test_llava_folder_exports_and_runs(tmp_path):
     m = verify_bundle(b)
     assert m["image"]["height"] == 32 and m["image"]["tokens"] == 16 and m["llm"]["n_embd"] == 48
     assert "checkpoint_files_sha256" in m["model"]["provenance"] or "checkpoint_sha256" in m["model"]["provenance"]
+    assert m["referring"] == {"format": "chatspot-text-v1", "region_token": False}  # LLaVA has no region encoder
     model, tok2 = load_checkpoint(folder)
     proc = Processor(tok2, model.config)
     enc = proc.encode_prompt("What is in <box>[0.100,0.200,0.450,0.610]</box>?")
-    img = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
-    emb = onnx_session(b / "vision.onnx").run(["image_embeds"], {"image": img})[0]
-    with torch.no_grad():
-        ref_emb = model.encode_image(torch.from_numpy(img)).numpy()
-    assert np.abs(emb - ref_emb).max() <= 1e-5 * np.abs(ref_emb).max()
-    replace = {m["special_tokens"]["image"]: emb[0]}
-    if m["referring"]["region_token"]:
-        replace[m["special_tokens"]["region"]] = onnx_session(b / "region.onnx").run(
-            ["region_embeds"], {"image_embeds": emb, "boxes": np.asarray(enc.boxes, np.float32)})[0]
+    assert enc.boxes == [] and model.config.region_token_id not in enc.ids  # the region is its text alone
+    imgs = [np.random.default_rng(s).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8) for s in (0, 1)]
+    refs = [model.generate([enc.ids], torch.from_numpy(img), [[]], max_new_tokens=8)[0] for img in imgs]
+    assert refs[0] != refs[1]  # the answer depends on the image: a chain that lost it would not match
+    vision = onnx_session(b / "vision.onnx")
     with LlamaCheck(b / m["llm"]["file"], n_ctx=128) as lc:
-        got = lc.greedy(split_segments(enc.ids, replace), max_new_tokens=8)
-    ref = model.generate([enc.ids], torch.from_numpy(img), [enc.boxes if model.config.region_token else []],
-                         max_new_tokens=8)[0]
-    assert got == ref
+        for img, ref in zip(imgs, refs):
+            emb = vision.run(["image_embeds"], {"image": img})[0]
+            with torch.no_grad():
+                ref_emb = model.encode_image(torch.from_numpy(img)).numpy()
+            assert np.abs(emb - ref_emb).max() <= 1e-5 * np.abs(ref_emb).max()
+            got = lc.greedy(split_segments(enc.ids, {m["special_tokens"]["image"]: emb[0]}), max_new_tokens=8)
+            assert got == ref

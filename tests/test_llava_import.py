@@ -48,6 +48,8 @@ def test_llava_logits_match_transformers(tmp_path, tower, select, layer):
     with torch.no_grad():
         ref = hf(input_ids=ids, pixel_values=pv).logits
         ours = model(ids, pixels=pixels).logits
+        other = model(ids, pixels=255 - pixels).logits
+    assert (other - ours).abs().max() > 1e-2  # the image moves the logits 1000x past the tolerance below
     # our tokenizer gained <box> etc. only if missing: vocab rows beyond HF's are new
     assert torch.allclose(ours[..., : ref.shape[-1]], ref, atol=1e-5), (ours[..., : ref.shape[-1]] - ref).abs().max()
 

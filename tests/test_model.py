@@ -59,13 +59,15 @@ def test_image_and_region_change_the_output(tiny):
     model, tok = tiny
     enc = Processor(tok, model.config).encode_prompt("What is in <box>[0.100,0.200,0.450,0.610]</box>?")
     ids = torch.tensor([enc.ids])
-    a = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+    a = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     b = torch.full((1, 64, 64, 3), 255, dtype=torch.uint8)
     with torch.no_grad():
         la = model(ids, pixels=a, boxes=torch.tensor(enc.boxes), box_batch=torch.tensor([0])).logits[0, -1]
         lb = model(ids, pixels=b, boxes=torch.tensor(enc.boxes), box_batch=torch.tensor([0])).logits[0, -1]
         lc = model(ids, pixels=a, boxes=torch.tensor([[0.6, 0.6, 0.9, 0.9]]), box_batch=torch.tensor([0])).logits[0, -1]
-    assert (la - lb).abs().max() > 1e-4 and (la - lc).abs().max() > 1e-6
+    # both effects sit 100x above the GGUF parity tolerance (1e-4, test_export_gguf), so a parity test on this
+    # model notices a missing or wrong image or region row
+    assert (la - lb).abs().max() > 1e-2 and (la - lc).abs().max() > 1e-2
 
 
 def test_box_cell_weights():

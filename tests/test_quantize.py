@@ -206,10 +206,17 @@ def test_report_files_and_keys(report):
     combos = {(c["llm"], c["vision"]) for c in j["combinations"]}
     assert {("F32", "fp32"), ("Q8_0", "fp32"), ("Q4_0", "fp32")} <= combos
     assert any(v == "int8" for _, v in combos) and any(v == "fp16" for _, v in combos)
+    llm_file = {k: e["file"] for k, e in {"F32": {"file": "llm-f32.gguf"}, **verify_bundle(b)["llm_variants"]}.items()}
+    vis_file = {"fp32": "vision.onnx", "fp16": "vision-fp16.onnx", "int8": "vision-int8.onnx"}
     for c in j["combinations"]:
         assert set(c["metrics"]) >= {"region_recognition", "point_qa", "hallucination"}
-        assert c["total_bytes"] == sum(c["files"].values())
-        assert ("region-int8.onnx" if c["vision"] == "int8" else "region.onnx") in c["files"]  # the pair's graph
+        region = "region-int8.onnx" if c["vision"] == "int8" else "region.onnx"  # the pair's own region graph
+        # the files a device needs for the pair, as they are on disk (the manifest as it was before the report
+        # recorded its recommendation in it)
+        want = {f: (b / f).stat().st_size for f in (llm_file[c["llm"]], vis_file[c["vision"]], region)}
+        manifest = c["files"].pop("manifest.json")
+        assert c["files"] == want and 0 < manifest <= (b / "manifest.json").stat().st_size
+        assert c["total_bytes"] == sum(want.values()) + manifest
     assert {t["name"] for t in j["targets"]} >= {"Q8_0 top-1 agreement", "int8 vision speedup vs fp32 ONNX"}
     md = (out / "report.md").read_text()
     assert "| variant |" in md and "Recommended default" in md

@@ -62,11 +62,21 @@ def test_adapt_changes_trainable_parts_only_and_evaluates(spot, tmp_path):
     assert all(torch.equal(trained[k], ref[k]) for k in trained if k.startswith("vision."))
     assert not torch.equal(trained["projector.linear_1.weight"], ref["projector.linear_1.weight"])
     assert not torch.equal(trained["llm.model.layers.0.mlp.up_proj.weight"], ref["llm.model.layers.0.mlp.up_proj.weight"])
-    res = evaluate_path(tmp_path / "ck", spot, tmp_path / "eval.json", limit=12)
+    evaluate_path(tmp_path / "ck", spot, tmp_path / "eval.json", limit=12)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert set(saved["metrics"]) == {"region_recognition", "point_qa", "region_ocr", "grounding",
                                      "noise_0.1", "noise_0.2", "noise_0.3", "hallucination"}
-    assert saved["n"] == 12 and res["metrics"] == saved["metrics"]
+    # the file holds the trained checkpoint's answers on the first 12 test records, and their scores
+    from chatspot_edge.data import load_image, load_split
+    from chatspot_edge.evaluation.answerers import TorchAnswerer
+    from chatspot_edge.evaluation.protocol import build_items, score
+    from chatspot_edge.model.checkpoint import load_checkpoint
+
+    records = load_split(spot, "test")[:12]
+    items = build_items(records, lambda r: load_image(spot, r))
+    answers = TorchAnswerer(*load_checkpoint(tmp_path / "ck")).answer([it.request for it in items])
+    assert saved["n"] == 12 and saved["answers"] == answers
+    assert saved["metrics"] == score(items, answers)["metrics"]
 
 
 def test_bad_data_is_exit_2(tmp_path):

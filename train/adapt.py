@@ -424,15 +424,25 @@ def adapt(opts: AdaptOptions) -> dict:
         global_idx = data.next_indices(batch_size)
         mine = global_idx[rank::world]
         total_loss, n_tok = 0.0, 0
-        for a in range(opts.grad_accum):
-            batch = {k: v.to(device) for k, v in data.collate(mine[a * micro:(a + 1) * micro]).items()}
+        micro_batches = [data.collate(mine[a * micro:(a + 1) * micro]) for a in range(opts.grad_accum)]
+        # The region-text alignment loss is a mean over a micro-batch's regions; weighted by the micro-batch's
+        # share of the global batch's regions, the accumulated (and rank-averaged) gradients are those of one
+        # mean over all of them, as without accumulation (the answer loss is a mean over samples, and every
+        # micro-batch holds the same number of samples).
+        n_regions = [int(b["boxes"].shape[0]) for b in micro_batches]
+        all_regions = torch.tensor([sum(n_regions)], dtype=torch.long, device=device)
+        if distributed:
+            dist.all_reduce(all_regions)
+        for a, micro_batch in enumerate(micro_batches):
+            batch = {k: v.to(device) for k, v in micro_batch.items()}
+            align = opts.region_align * n_regions[a] * opts.grad_accum * world / max(1, int(all_regions))
             last = a == opts.grad_accum - 1
             if sharded is not None:
                 sharded.set_requires_gradient_sync(last)  # FSDP: reduce-scatter once per optimizer step
             sync = contextlib.nullcontext() if (last or not distributed or sharded is not None) else fwd.no_sync()
             with sync:
                 with autocast:
-                    out = fwd(per_sample=opts.per_sample_loss, region_align=opts.region_align, **batch)
+                    out = fwd(per_sample=opts.per_sample_loss, region_align=align, **batch)
                 (out.loss / opts.grad_accum).backward()
             total_loss += float(out.loss.detach()) / opts.grad_accum
             n_tok += int(batch["attention_mask"].sum())
