@@ -4,7 +4,11 @@
     print(format_table(result))
 
 Each (LLM variant, vision variant, thread count) runs in a fresh subprocess (`benchmarks/worker.py`) so its
-peak RSS, page cache use and thread pools are its own. Every timing is the median of `repeats` runs after
+peak RSS, page cache use and thread pools are its own. Threads: by default ("auto") the runtime's own choice,
+measured afresh in the worker (`runtime.threads`, recorded in the machine's cache as users then get it);
+`threads=(1, 2)` runs each variant at each fixed count. The raw llama.cpp baseline runs once per GGUF in a
+clean process (`benchmarks/raw_llama.py`: no chatspot_edge import, the user's OpenMP settings, every thread
+count, the best kept), the way a user of llama.cpp gets it. Every timing is the median of `repeats` runs after
 a warm-up, with min / max / p10 / p90 beside it (`<key>_stats`). The machine, its memory bandwidth and matmul
 rate, and per-variant roofline bounds (`benchmarks/limits.py`) are recorded too. The JSON is written
 atomically, once at the end.
@@ -13,7 +17,6 @@ atomically, once at the end.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from chatspot_edge.errors import InputError
+from chatspot_edge.openmp import runtime_env
 from chatspot_edge.export.manifest import find_variant, region_graph, variant_entries
 
 DEFAULT_REPEATS = 5
@@ -110,7 +114,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "decode_tok_s": "decode_tok_s", "raw_llama_decode_tok_s": "raw_llama_decode_tok_s", "load_ms": "load_ms",
         "suite_ms": "suite_ms", "preprocess_ms": "preprocess_ms", "cold_prefill_ms": "cold_prefill_ms",
         "cold_vision_ms": "cold_vision_ms", "cold_overhead_ms": "cold_overhead_ms",
-        "followup_prefill_ms": "followup_prefill_ms", "raw_llama_prefill_tok_s": "raw_llama_prefill_tok_s",
+        "followup_prefill_ms": "followup_prefill_ms",
     }
     for key, src in timed.items():
         s = stats(raw.get(src) or [])
@@ -125,14 +129,12 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     out["n_prompt_cold"] = _median(raw.get("n_prompt_cold"))
     out["n_prompt_followup"] = _median(raw.get("n_prompt_followup"))
     out["peak_rss_mb"] = raw.get("peak_rss_mb")
-    for k in ("load_first_ms", "rss_mb_end", "peak_rss_mb_with_raw", "decode_source", "decode_context",
-              "suite_questions", "suite_answers_sample", "extra_bufts", "n_ctx", "raw_llama_tokens",
-              "worker_seconds"):
+    for k in ("load_first_ms", "rss_mb_end", "decode_source", "decode_context",
+              "suite_questions", "suite_answers_sample", "extra_bufts", "n_ctx", "worker_seconds",
+              "thread_plan", "threads_prefill", "threads_decode", "openmp"):
         if k in raw:
             out[k] = raw[k]
     out["suite_tokens"] = _median(raw.get("suite_tokens"))
-    if out.get("decode_tok_s") and out.get("raw_llama_decode_tok_s"):
-        out["decode_vs_raw"] = out["decode_tok_s"] / out["raw_llama_decode_tok_s"]
     if any(raw.get("cold_image_cached") or []):
         out["warning"] = "an image embedding came from the cache during a cold measurement"
     return out
@@ -145,8 +147,7 @@ def _run_worker(job: dict, log: Callable[[str], None]) -> dict:
     with tempfile.TemporaryDirectory(prefix="chatspot-bench-") as d:
         job = dict(job, out=str(Path(d) / "result.json"))
         (Path(d) / "job.json").write_text(json.dumps(job))
-        env = dict(os.environ)
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env = runtime_env()  # the runtime's process: OpenMP as the user set it, nothing chatspot_edge added
         proc = subprocess.run([sys.executable, "-m", "chatspot_edge.benchmarks.worker", str(Path(d) / "job.json")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               timeout=WORKER_TIMEOUT_S)
@@ -160,11 +161,54 @@ def _run_worker(job: dict, log: Callable[[str], None]) -> dict:
         return json.loads(out.read_text())
 
 
-def _threads(threads: int | str | Sequence[int] | None) -> tuple[int, ...]:
-    if threads is None:
-        from chatspot_edge.benchmarks.machine import cpu_count
+def _raw_llama(gguf: Path, n_prompt: int, n_ctx: int, n_tokens: int, repeats: int, done: dict,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """Plain llama.cpp on `gguf` in a clean process (`benchmarks/raw_llama.py`) at every candidate thread
+    count; once per (file, prompt, context) per run. {"error": ...} when it fails."""
+    from chatspot_edge.runtime.threads import candidates
 
-        return (cpu_count(),)
+    key = (str(gguf), n_prompt, n_ctx)
+    if key in done:
+        return done[key]
+    counts = candidates()
+    log(f"bench: raw llama.cpp on {gguf.name} in a clean process, threads {','.join(map(str, counts))}")
+    script = Path(__file__).with_name("raw_llama.py")
+    with tempfile.TemporaryDirectory(prefix="chatspot-raw-") as d:
+        out = Path(d) / "raw.json"
+        safe = ["-P"] if sys.version_info >= (3, 11) else []  # not the script's folder first on sys.path
+        cmd = [sys.executable, *safe, str(script), str(gguf), "--threads", ",".join(map(str, counts)),
+               "--prompt", str(n_prompt), "--tokens", str(n_tokens), "--ctx", str(n_ctx), "--repeats", str(repeats),
+               "--out", str(out)]
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=runtime_env(),
+                                  timeout=WORKER_TIMEOUT_S)
+            if proc.returncode != 0 or not out.is_file():
+                tail = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1:] or [f"exit code {proc.returncode}"]
+                raise RuntimeError(f"raw llama.cpp failed (exit {proc.returncode}): {tail[0][:300]}")
+            done[key] = json.loads(out.read_text())
+        except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
+            log(f"bench: {e}")
+            done[key] = {"error": str(e)}
+    return done[key]
+
+
+def _with_raw(entry: dict[str, Any], raw: dict[str, Any]) -> None:
+    """The clean-process baseline into a variant's entry: best decode / prefill over thread counts, the ratio."""
+    best = raw.get("best") or {}
+    entry["raw_llama_decode_tok_s"] = best.get("decode_tok_s")
+    entry["raw_llama_prefill_tok_s"] = best.get("prefill_tok_s")
+    entry["raw_llama"] = {k: raw.get(k) for k in ("median", "best", "n_prompt", "n_tokens", "n_ctx", "repeats", "env",
+                                                  "extra_bufts", "chatspot_edge_imported", "error") if k in raw}
+    entry["raw_llama"]["how"] = ("plain llama-cpp-python in a clean process (benchmarks/raw_llama.py): no chatspot_edge "
+                                 "import, the environment's OpenMP settings, best of the thread counts")
+    if entry.get("decode_tok_s") and entry["raw_llama_decode_tok_s"]:
+        entry["decode_vs_raw"] = entry["decode_tok_s"] / entry["raw_llama_decode_tok_s"]
+
+
+def _threads(threads: int | str | Sequence[int] | None) -> tuple[int | None, ...]:
+    """Thread counts to run: (None,) is the runtime's own measured choice ("auto")."""
+    if threads is None or threads == "auto":
+        return (None,)
     if isinstance(threads, int):
         return (threads,)
     if isinstance(threads, str):
@@ -180,15 +224,16 @@ def _threads(threads: int | str | Sequence[int] | None) -> tuple[int, ...]:
 
 
 def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | Sequence[str] | None = None,
-              threads: int | str | Sequence[int] | None = (2,), repeats: int = DEFAULT_REPEATS,
+              threads: int | str | Sequence[int] | None = None, repeats: int = DEFAULT_REPEATS,
               reference: str | Path | None = None, device: str = "cpu",
               reference_random_like: str | Path | None = None, max_tokens: int = 24, raw_tokens: int = 32,
               reference_tokens: int = 32, label: str | None = None, measure_machine: bool = True,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, decode_threads: int | None = None) -> dict[str, Any]:
     """Benchmark every requested variant of `bundle`; writes `out_json` (atomically) and returns the result.
 
-    variants: "LLM[:VISION],..." or a list of such (default: see `resolve_variants`); threads: thread counts
-    (each variant runs at each); reference / reference_random_like: a checkpoint timed in PyTorch on `device`
+    variants: "LLM[:VISION],..." or a list of such (default: see `resolve_variants`); threads: None / "auto"
+    (the runtime's measured choice) or thread counts (each variant runs at each; decode too unless
+    `decode_threads` is given); reference / reference_random_like: a checkpoint timed in PyTorch on `device`
     (the latter with random weights of its shapes). Raises InputError on bad input (a broken bundle, an
     unknown variant). A variant whose worker fails is kept with an `error` key and null figures."""
     from chatspot_edge.export.manifest import verify_bundle
@@ -206,20 +251,24 @@ def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | S
     if device not in ("cpu", "cuda", "auto"):
         raise InputError(f"--device {device!r}: cpu, cuda or auto")
     thread_list = _threads(threads)
+    if decode_threads is not None and int(decode_threads) < 1:
+        raise InputError(f"--decode-threads {decode_threads}: must be at least 1")
     t0 = time.perf_counter()
     manifest = verify_bundle(bundle)  # before any output: a bad bundle is one line on stderr
     manifest["_manifest_bytes"] = (bundle / "manifest.json").stat().st_size
     plan = resolve_variants(manifest, variants)
 
     from chatspot_edge.benchmarks.limits import gguf_stats, onnx_flops, variant_limits
-    from chatspot_edge.benchmarks.machine import machine_info, measure_rates
+    from chatspot_edge.benchmarks.machine import cpu_count, machine_info, measure_rates
 
     machine = machine_info(label)
+    rate_threads = tuple(sorted({t or cpu_count() for t in thread_list} | ({1} if None in thread_list else set())))
     if measure_machine:
         log("bench: measuring memory bandwidth and matmul rate")
-        machine["rates"] = measure_rates(thread_list)
+        machine["rates"] = measure_rates(rate_threads)
     rates = machine.get("rates") or {}
     gstats: dict[str, dict] = {}
+    raw_runs: dict[tuple, dict] = {}
     vflops: dict[str, float | None] = {}
     results: list[dict[str, Any]] = []
     for v in plan:
@@ -232,9 +281,10 @@ def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | S
                 vflops[v["vision_file"]] = None
         files = variant_files(manifest, v)
         for t in thread_list:
-            log(f"bench: {v['llm']} + vision {v['vision']}, {t} thread{'s' if t > 1 else ''}")
+            log(f"bench: {v['llm']} + vision {v['vision']}, "
+                + ("threads: the runtime's measured choice" if t is None else f"{t} thread{'s' if t > 1 else ''}"))
             job = {"bundle": str(bundle.resolve()), "llm": v["llm_arg"], "vision": v["vision_arg"], "threads": t,
-                   "repeats": repeats, "max_tokens": max_tokens, "raw_tokens": raw_tokens,
+                   "decode_threads": decode_threads, "repeats": repeats, "max_tokens": max_tokens,
                    "llm_file": v["llm_file"], "quantized": v["llm"].upper().startswith(QUANTIZED_PREFIXES)}
             entry: dict[str, Any] = {"llm": v["llm"], "vision": v["vision"], "threads": t}
             try:
@@ -249,12 +299,18 @@ def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | S
                                                       "load_ms")})
             entry["bytes"] = sum(files.values())
             entry.update({k: val for k, val in summary.items() if k not in entry})
+            if summary.get("threads_prefill"):  # what the runtime ran with (its choice under "auto")
+                entry["threads"], entry["decode_threads"] = summary["threads_prefill"], summary["threads_decode"]
+            if not err:
+                _with_raw(entry, _raw_llama(bundle / v["llm_file"], int(summary.get("n_prompt_cold") or 64),
+                                            int(summary.get("n_ctx") or 2048), raw_tokens, repeats, raw_runs, log))
             entry["files"] = files
             entry["default"] = v["default"]
             if err:
                 entry["error"] = err
             else:
-                entry["limits"] = variant_limits(gstats[v["llm_file"]], vflops[v["vision_file"]], rates, t, entry)
+                entry["limits"] = variant_limits(gstats[v["llm_file"]], vflops[v["vision_file"]], rates,
+                                                 int(entry.get("threads") or cpu_count()), entry)
             results.append(entry)
     ref = None
     if ref_ckpt is not None:
@@ -265,7 +321,8 @@ def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | S
         "bundle": _bundle_info(bundle, manifest, gstats),
         "variants": results,
         "reference": ref,
-        "settings": {"repeats": repeats, "threads": list(thread_list), "max_tokens": max_tokens,
+        "settings": {"repeats": repeats, "threads": [t or "auto" for t in thread_list],
+                     "decode_threads": decode_threads, "max_tokens": max_tokens,
                      "raw_llama_tokens": raw_tokens, "statistic": "median after one warm-up; spreads in *_stats"},
         "seconds": round(time.perf_counter() - t0, 1),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -319,11 +376,17 @@ TABLE_HEADER = ("| machine | LLM | vision | thr | MB | load ms | vision ms | TTF
                 "| prefill tok/s | decode tok/s | raw llama tok/s | runtime/raw | peak RSS MB | decode % of bound |")
 
 
+def threads_cell(v: dict[str, Any]) -> str:
+    """"2" when prefill and decode ran with the same count, else "prefill/decode" (e.g. "2/1")."""
+    t, d = v.get("threads"), v.get("decode_threads")
+    return str(t if t is not None else "") if d in (None, t) else f"{t}/{d}"
+
+
 def variant_row(machine: str, v: dict[str, Any]) -> str:
     lim = v.get("limits") or {}
     ratio = v.get("decode_vs_raw")
     frac = lim.get("decode_tok_s_fraction")
-    cells = [machine, v.get("llm"), v.get("vision"), str(v.get("threads", "")), _f((v.get("bytes") or 0) / 1e6),
+    cells = [machine, v.get("llm"), v.get("vision"), threads_cell(v), _f((v.get("bytes") or 0) / 1e6),
              _f(v.get("load_ms"), 0), _f(v.get("vision_ms")), _f(v.get("ttft_cold_ms")), _f(v.get("ttft_followup_ms")),
              _f(v.get("prefill_tok_s"), 0), _f(v.get("decode_tok_s")), _f(v.get("raw_llama_decode_tok_s")),
              "-" if ratio is None else f"{ratio:.0%}", _f(v.get("peak_rss_mb"), 0),

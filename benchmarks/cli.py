@@ -37,7 +37,10 @@ def bench_run(
     variants: Optional[str] = typer.Option(
         None, "--variants", help="LLM[:VISION],... e.g. Q4_K_M:int8,F16 (default: the default pair + every "
                                  "LLM variant x default / int8 vision)"),
-    threads: str = typer.Option("2", "--threads", help="thread counts, e.g. 1,2,4 (each variant runs at each)"),
+    threads: str = typer.Option("auto", "--threads", help="auto (the runtime's choice, measured on this machine) or "
+                                                          "thread counts, e.g. 1,2,4 (each variant runs at each)"),
+    decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help="decode threads (default: as "
+                                                                             "--threads, or measured under auto)"),
     repeats: int = typer.Option(5, "--repeats", help="timed repeats after one warm-up (medians reported)"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="checkpoint timed in PyTorch (fp32, bf16)"),
     reference_random_like: Optional[Path] = typer.Option(
@@ -51,9 +54,9 @@ def bench_run(
 
     result = run_bench(bundle, out, variants=variants, threads=threads, repeats=repeats, reference=reference,
                        device=device, reference_random_like=reference_random_like, max_tokens=max_tokens,
-                       label=label)
+                       label=label, decode_threads=decode_threads)
     typer.echo(format_table(result))
-    failed = [f"{v['llm']}:{v['vision']} x{v.get('threads')}" for v in result["variants"] if v.get("error")]
+    failed = [f"{v['llm']}:{v['vision']} x{v.get('threads') or 'auto'}" for v in result["variants"] if v.get("error")]
     typer.echo(f"wrote {out}")
     if failed:
         typer.echo(f"error: {len(failed)} variant(s) failed: {', '.join(failed)} (see `error` in {out})", err=True)

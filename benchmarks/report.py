@@ -88,13 +88,14 @@ def _f(v, digits=1) -> str:
 
 
 def build_markdown(results: list[dict]) -> str:
-    from chatspot_edge.benchmarks.bench import TABLE_HEADER, reference_row, variant_row
+    from chatspot_edge.benchmarks.bench import TABLE_HEADER, reference_row, threads_cell, variant_row
 
     lines = ["# ChatSpot Edge benchmark report", ""]
     lines += ["Medians after a warm-up (spreads in each JSON's `*_stats`). TTFT cold: a new image (resize + "
               "vision + [system + image] prefill + question + first token); follow-up: a new region question "
               "on the same image. runtime/raw: the runtime's decode speed over plain llama.cpp on the same GGUF "
-              "and threads. Bounds: see `limits.notes` in the JSON.", ""]
+              "(a clean process at its best thread count). thr: threads (prefill/decode when they differ). "
+              "Bounds: see `limits.notes` in the JSON.", ""]
     lines += ["## Machines", "", "| machine | source | CPU | cores | memory GB | ggml flags | copy GB/s | matmul GFLOP/s "
               "| load avg |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -120,7 +121,7 @@ def build_markdown(results: list[dict]) -> str:
         for v in r["variants"]:
             lim = v.get("limits") or {}
             lines.append(
-                f"| {r['_label']} | {v.get('llm')} | {v.get('vision')} | {v.get('threads', '')} | "
+                f"| {r['_label']} | {v.get('llm')} | {v.get('vision')} | {threads_cell(v)} | "
                 f"{_f(v.get('decode_tok_s'))} ({_f(lim.get('decode_tok_s_bound'))}) | {_pct(lim.get('decode_tok_s_fraction'))} "
                 f"| {_pct(lim.get('raw_llama_decode_tok_s_fraction'))} | {_f(v.get('prefill_tok_s'), 0)} "
                 f"({_f(lim.get('prefill_tok_s_bound'), 0)}) | {_pct(lim.get('prefill_tok_s_fraction'))} | "
@@ -149,8 +150,23 @@ def build_markdown(results: list[dict]) -> str:
         for r in results:
             for v in r["variants"]:
                 t, d = _ratios(v, gpu)
-                lines.append(f"| {r['_label']} | {v.get('llm')} | {v.get('vision')} | {v.get('threads', '')} | "
+                lines.append(f"| {r['_label']} | {v.get('llm')} | {v.get('vision')} | {threads_cell(v)} | "
                              f"{_f(t, 2)} | {_f(d, 2)} |")
+        runs = [run for run in gpu.get("runs") or [] if run.get("decode_tok_s")]
+        if runs:  # edge decode against each of the reference's paths (eager and compiled are far apart on a GPU)
+            names = [f"{run.get('dtype')} {run.get('path')}" for run in runs]
+            lines += ["", f"Edge decode over the {kind} reference's decode, per path (x as fast: 1.0 = as fast, "
+                          f"above 1 = faster): " + ", ".join(f"{n} {_f(run['decode_tok_s'])} tok/s"
+                                                                for n, run in zip(names, runs)) + ".", "",
+                      "| machine | LLM | vision | thr | decode tok/s | " + " | ".join(f"x {n}" for n in names) + " |",
+                      "|---|---|---|---|---|" + "---|" * len(runs)]
+            for r in results:
+                for v in r["variants"]:
+                    if not v.get("decode_tok_s"):
+                        continue
+                    lines.append(f"| {r['_label']} | {v.get('llm')} | {v.get('vision')} | {threads_cell(v)} | "
+                                 f"{_f(v['decode_tok_s'])} | "
+                                 + " | ".join(_f(v["decode_tok_s"] / run["decode_tok_s"], 2) for run in runs) + " |")
     lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS]
     return "\n".join(lines) + "\n"
 
@@ -162,7 +178,9 @@ def _ratios(v: dict, ref: dict) -> tuple[float | None, float | None]:
 
 
 def _short(v: dict) -> str:
-    return f"{v.get('llm')}:{v.get('vision')} x{v.get('threads', '?')}"
+    from chatspot_edge.benchmarks.bench import threads_cell
+
+    return f"{v.get('llm')}:{v.get('vision')} x{threads_cell(v) or '?'}"
 
 
 def make_plots(results: list[dict], out: Path) -> list[Path]:

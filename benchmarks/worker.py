@@ -2,29 +2,29 @@
 
     python -m chatspot_edge.benchmarks.worker JOB.json
 
-JOB: {"bundle", "llm" (variant name or null: the default), "vision" (likewise), "threads", "repeats",
-"max_tokens", "raw_tokens", "out"}. Writes a JSON object of raw measurements to `out`. Imports the runtime
-only (no torch), like an application on the device would.
+JOB: {"bundle", "llm" (variant name or null: the default), "vision" (likewise), "threads" (null: the
+runtime's measured choice), "decode_threads" (null: likewise, or `threads` when that is given), "repeats",
+"max_tokens", "out"}. Writes a JSON object of raw measurements to `out`. Imports the runtime only (no torch),
+like an application on the device would, in the environment `bench` gives it (no OpenMP setting of ours).
 
 Measured, each `repeats` times after one warm-up (the parent takes medians and spreads):
-- load: `Engine.load` (checksums verified once by the parent, not here), the first load separately;
+- load: `Engine.load` (checksums verified once by the parent, not here), the first load separately (under
+  "auto" threads it measures this machine's thread counts afresh and records them; later loads reuse them);
 - vision: `engine.image_embeddings` with the image LRU cleared (what a new image costs);
 - cold TTFT: a new session on a new image (LRU cleared) + a box question: preprocessing (resize) +
   vision + [system + image] prefill + question prefill + first token;
 - follow-up TTFT: a new region question on the same session (only its own tokens are prefilled);
 - suite: 8 referring questions (boxes, points, a polygon) on 2 generated images, `max_tokens` each,
   end to end with new sessions and a cold LRU; decode tok/s over the suite's answers;
-- peak RSS (VmHWM on Linux, see `peak_rss_mb`) after the runtime measurements, before the raw llama.cpp part;
-- raw llama.cpp decode: the same GGUF through llama-cpp-python's low-level API only (no runtime code):
-  a prompt of the cold prompt's length in one batch, then a greedy loop of 1-token batches, same threads.
+- peak RSS (VmHWM on Linux, see `peak_rss_mb`) after the runtime measurements.
+
+The raw llama.cpp baseline is not measured here but in a clean process of its own (`benchmarks/raw_llama.py`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import re
 import resource
 import statistics
 import sys
@@ -120,13 +120,21 @@ def _ms(t: float) -> float:
 def measure_runtime(job: dict, log) -> dict:
     from chatspot_edge.runtime import Engine
 
-    bundle, threads, repeats = job["bundle"], int(job["threads"]), int(job["repeats"])
+    bundle, repeats = job["bundle"], int(job["repeats"])
+    threads, decode_threads = job.get("threads"), job.get("decode_threads")
     max_tokens = int(job.get("max_tokens", 24))
     res: dict = {"load_ms": []}
-    kw = dict(threads=threads, llm=job.get("llm"), vision=job.get("vision"), verify=False)
+    kw = dict(threads=threads, decode_threads=decode_threads, llm=job.get("llm"), vision=job.get("vision"),
+              verify=False)
     t = time.perf_counter()
-    engine = Engine.load(bundle, **kw)
+    engine = Engine.load(bundle, recalibrate=True, **kw)  # a measured choice is taken afresh, then cached
     res["load_first_ms"] = _ms(t)
+    plan = engine.thread_plan
+    res["thread_plan"] = plan.as_dict()
+    res["threads_prefill"], res["threads_decode"] = plan.prefill, plan.decode
+    from chatspot_edge.runtime.llama import uses_openmp
+
+    res["openmp"] = uses_openmp()
     for _ in range(min(repeats, 3)):
         engine.close()
         t = time.perf_counter()
@@ -239,90 +247,10 @@ def _forced_runtime_decode(llm, n_prompt: int, n_tokens: int, repeats: int) -> l
     return rates
 
 
-# -- plain llama.cpp ------------------------------------------------------------------------------------------
-
-
-def raw_llama_decode(gguf: str, n_prompt: int, n_tokens: int, threads: int, n_ctx: int, repeats: int,
-                     quantized: bool) -> dict:
-    """Plain llama.cpp through llama-cpp-python's low-level API: prefill a prompt of `n_prompt` tokens in one
-    batch, then greedy-decode `n_tokens` with 1-token batches. Same threads, context size and default KV type
-    as the runtime; weight repacking off for quantized models where ggml reports AMX (as the runtime does)."""
-    import llama_cpp as c
-
-    c.llama_backend_init()
-    quiet = c.llama_log_callback(lambda level, text, data: None)
-    c.llama_log_set(quiet, ctypes.c_void_p(0))
-    sysinfo = c.llama_print_system_info().decode(errors="replace")
-    mp = c.llama_model_default_params()
-    mp.n_gpu_layers = 0
-    if quantized and re.search(r"AMX_INT8\s*=\s*1", sysinfo):
-        mp.use_extra_bufts = False
-    model = c.llama_model_load_from_file(gguf.encode(), mp)
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {gguf}")
-    cp = c.llama_context_default_params()
-    cp.n_ctx = n_ctx
-    cp.n_batch = cp.n_ubatch = min(512, n_ctx)
-    cp.n_seq_max = 1
-    cp.n_threads = cp.n_threads_batch = threads
-    cp.no_perf = False
-    ctx = c.llama_init_from_model(model, cp)
-    if not ctx:
-        c.llama_model_free(model)
-        raise RuntimeError("llama.cpp could not create a context")
-    vocab = c.llama_model_get_vocab(model)
-    n_vocab = c.llama_vocab_n_tokens(vocab)
-    mem = c.llama_get_memory(ctx)
-    sampler = c.llama_sampler_chain_init(c.llama_sampler_chain_default_params())
-    c.llama_sampler_chain_add(sampler, c.llama_sampler_init_greedy())
-    n_batch = int(cp.n_batch)
-    batch = c.llama_batch_init(max(n_batch, 1), 0, 1)
-    prompt = [300 + (i * 7919) % min(5000, n_vocab - 300) for i in range(n_prompt)]
-
-    def run(tokens, pos, logits_last=True):
-        for start in range(0, len(tokens), n_batch):
-            chunk = tokens[start:start + n_batch]
-            for i, t in enumerate(chunk):
-                batch.token[i] = t
-                batch.pos[i] = pos + start + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = 1 if (logits_last and start + i == len(tokens) - 1) else 0
-            batch.n_tokens = len(chunk)
-            rc = c.llama_decode(ctx, batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode returned {rc}")
-        return pos + len(tokens)
-
-    prefill, decode = [], []
-    try:
-        for r in range(repeats + 1):
-            c.llama_memory_clear(mem, True)
-            t = time.perf_counter()
-            pos = run(prompt, 0)
-            tok = c.llama_sampler_sample(sampler, ctx, -1)
-            t_pre = time.perf_counter() - t
-            t = time.perf_counter()
-            for _ in range(n_tokens):
-                pos = run([tok], pos)
-                tok = c.llama_sampler_sample(sampler, ctx, -1)
-            t_dec = time.perf_counter() - t
-            if r:
-                prefill.append(n_prompt / t_pre)
-                decode.append(n_tokens / t_dec)
-    finally:
-        c.llama_batch_free(batch)
-        c.llama_sampler_free(sampler)
-        c.llama_free(ctx)
-        c.llama_model_free(model)
-    return {"raw_llama_decode_tok_s": decode, "raw_llama_prefill_tok_s": prefill, "raw_llama_tokens": n_tokens,
-            "raw_llama_prompt": n_prompt}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job = json.loads(Path(argv[0]).read_text())
-    tag = f"[{job.get('llm') or 'default'}:{job.get('vision') or 'default'} x{job['threads']}]"
+    tag = f"[{job.get('llm') or 'default'}:{job.get('vision') or 'default'} x{job.get('threads') or 'auto'}]"
 
     def log(msg):
         if job.get("verbose", True):
@@ -330,11 +258,6 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     res = measure_runtime(job, log)
-    log("raw llama.cpp decode")
-    gguf = str(Path(job["bundle"]) / job["llm_file"])
-    res.update(raw_llama_decode(gguf, res["n_prompt"], int(job.get("raw_tokens", 32)), int(job["threads"]),
-                                int(res["n_ctx"]), int(job["repeats"]), bool(job.get("quantized"))))
-    res["peak_rss_mb_with_raw"] = peak_rss_mb()
     res["worker_seconds"] = time.perf_counter() - t0
     res["pid"] = os.getpid()
     tmp = Path(job["out"]).with_suffix(".tmp")

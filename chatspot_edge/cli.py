@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from chatspot_edge.errors import InputError
+from chatspot_edge.openmp import share_cores_with_torch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ChatSpot Edge: train, export, quantize and run a referring multimodal LLM offline.")
@@ -73,6 +74,7 @@ def adapt(
                                                                 "CHATSPOT_DEVICE=cuda and a GPU is present)"),
 ) -> None:
     """Referring-instruction tuning (ChatSpot's two stages): projector alignment, then projector + LLM."""
+    share_cores_with_torch()  # as the training's measured budgets were taken (torch's pool waits passively)
     from chatspot_edge.train.adapt import AdaptOptions, adapt as run_adapt
 
     opts = AdaptOptions(preset=preset, data=data, out=out, minutes=minutes, steps=steps, batch_size=batch_size,
@@ -99,6 +101,8 @@ def eval_cmd(
                                                         "a bundle always runs on the CPU runtime"),
 ) -> None:
     """ChatSpot evaluation protocol (SPEC section 6) on a checkpoint or a bundle."""
+    if not (model / "manifest.json").is_file():
+        share_cores_with_torch()  # a checkpoint runs in torch (a bundle runs in the runtime: no torch)
     from chatspot_edge.evaluation import evaluate_path
 
     result = evaluate_path(model, data, out, split=split, limit=limit, batch_size=batch_size, llm=llm, vision=vision,
@@ -115,6 +119,7 @@ def export(
     llm_dtype: str = typer.Option("f16", "--llm-dtype", help="f32, f16 or bf16"),
 ) -> None:
     """Checkpoint -> bundle: GGUF LLM + ONNX vision encoder (+ Core ML) + manifest with checksums."""
+    share_cores_with_torch()  # torch writes, llama.cpp and onnxruntime check
     from chatspot_edge.export import export_bundle
 
     export_bundle(ckpt, out, coreml=coreml, llm_dtype=llm_dtype)
@@ -144,6 +149,7 @@ def quantize(
     quality report (sizes, SPEC-6 accuracy, KL vs torch, cosine, latency) with a recommended default."""
     if not (llm or vision or coreml or report):
         raise InputError("nothing to do: give --llm / --vision / --coreml and/or --report DIR")
+    share_cores_with_torch()  # the report's KL runs torch beside llama.cpp
     if llm or vision or coreml:
         from chatspot_edge.quantize import quantize_bundle
 
@@ -175,6 +181,10 @@ def inspect(bundle: Path = typer.Argument(...)) -> None:
     typer.echo(f"OK: {len(manifest['files'])} files verified")
 
 
+THREADS_HELP = "threads for prefill (and decode, unless --decode-threads); default: measured on this machine"
+DECODE_THREADS_HELP = "threads for decoding (one token at a time); default: measured on this machine"
+
+
 @app.command()
 def ask(
     bundle: Path = typer.Argument(...),
@@ -186,31 +196,35 @@ def ask(
     clip: bool = typer.Option(False, help="clip a region that crosses the image border instead of refusing it"),
     max_tokens: int = typer.Option(128, "--max-tokens"),
     temperature: float = typer.Option(0.0),
-    threads: Optional[int] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help=DECODE_THREADS_HELP),
     llm: Optional[str] = typer.Option(None, help="LLM variant (e.g. Q4_K_M); default: the manifest's"),
     vision: Optional[str] = typer.Option(None, help="vision variant (fp32, fp16, int8)"),
-    timings: bool = typer.Option(False, help="print TTFT and decode speed to stderr"),
+    timings: bool = typer.Option(False, help="print TTFT, decode speed and thread counts to stderr"),
 ) -> None:
     """One answer about a region of an image, streamed. The region goes in front of the question, or where
-    the question says {region}."""
+    the question says {region}. An answer that reaches the end of the context stops there (a note on stderr)."""
     from chatspot_edge.runtime.cli import ask as run_ask
 
-    run_ask(bundle, image, question, point, box, polygon, clip, max_tokens, temperature, threads, llm, vision, timings)
+    run_ask(bundle, image, question, point, box, polygon, clip, max_tokens, temperature, threads, llm, vision, timings,
+            decode_threads)
 
 
 @app.command()
 def chat(
     bundle: Path = typer.Argument(...),
     image: Path = typer.Argument(...),
-    threads: Optional[int] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help=DECODE_THREADS_HELP),
     llm: Optional[str] = typer.Option(None),
     vision: Optional[str] = typer.Option(None),
     max_tokens: int = typer.Option(256, "--max-tokens"),
 ) -> None:
-    """Interactive multi-turn session on one image (/point, /box, /polygon, /image, /reset; /help)."""
+    """Interactive multi-turn session on one image (/point, /box, /polygon, /image, /reset; /help). When the
+    context is full, the oldest questions and answers leave it (the image and the system prompt stay)."""
     from chatspot_edge.runtime.cli import chat as run_chat
 
-    run_chat(bundle, image, threads, llm, vision, max_tokens)
+    run_chat(bundle, image, threads, llm, vision, max_tokens, decode_threads)
 
 
 @app.command()
@@ -254,6 +268,7 @@ def pipeline(
     n_test: int = typer.Option(1000, "--n-test"),
 ) -> None:
     """The whole pipeline end to end (what `make demo` runs): data, adapt, eval, export, ask."""
+    share_cores_with_torch()  # training, export and evaluation in this process; the benchmark runs in its own
     from chatspot_edge.pipeline import run_pipeline
 
     run_pipeline(preset=preset, out=out, minutes=minutes, n_train=n_train, n_test=n_test)

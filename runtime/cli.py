@@ -31,31 +31,47 @@ def region_kwargs(point: str | None, box: str | None, polygon: str | None) -> di
 
 def _timing_line(s: Session) -> str:
     t = s.timings
+    plan = s.engine.thread_plan
     cached = " (image cached)" if t.image_cached else ""
     return (f"[vision {t.vision_ms:.1f} ms{cached} | prompt {t.n_prompt} tok, TTFT {t.ttft_ms:.1f} ms | "
-            f"{t.n_generated} tok at {t.decode_tok_s:.1f} tok/s | overhead {t.overhead_ms:.2f} ms]")
+            f"{t.n_generated} tok at {t.decode_tok_s:.1f} tok/s | overhead {t.overhead_ms:.2f} ms | "
+            f"threads {plan.prefill} prefill / {plan.decode} decode ({plan.source}) | "
+            f"context {t.n_context}/{s.engine.llm.n_ctx}]")
+
+
+def _context_notes(s: Session) -> None:
+    """One line on stderr when the answer stopped at the end of the context, or history was dropped."""
+    t = s.timings
+    if t.turns_dropped:
+        print(f"note: the {t.turns_dropped} oldest turn{'s' if t.turns_dropped > 1 else ''} left the context "
+              f"({len(s.context_turns) - 1} earlier turn{'s' if len(s.context_turns) != 2 else ''} kept)", file=sys.stderr)
+    if t.stop_reason == "context":
+        print(f"note: the answer stopped at the end of the context ({s.engine.llm.n_ctx} positions)", file=sys.stderr)
 
 
 def ask(bundle: Path, image: Path, question: str, point: str | None, box: str | None, polygon: str | None,
         clip: bool, max_tokens: int, temperature: float, threads: int | None, llm: str | None, vision: str | None,
-        timings: bool) -> None:
+        timings: bool, decode_threads: int | None = None) -> None:
     regions = region_kwargs(point, box, polygon)
-    engine = Engine.load(bundle, threads=threads, llm=llm, vision=vision, max_sessions=1)
+    engine = Engine.load(bundle, threads=threads, decode_threads=decode_threads, llm=llm, vision=vision, max_sessions=1)
     session = engine.session(image)
     for piece in session.ask(question, clip=clip, max_tokens=max_tokens, temperature=temperature, **regions):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    _context_notes(session)
     if timings:
         print(_timing_line(session), file=sys.stderr)
 
 
-def chat(bundle: Path, image: Path, threads: int | None, llm: str | None, vision: str | None, max_tokens: int) -> None:
+def chat(bundle: Path, image: Path, threads: int | None, llm: str | None, vision: str | None, max_tokens: int,
+         decode_threads: int | None = None) -> None:
     try:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
-    engine = Engine.load(bundle, threads=threads, llm=llm, vision=vision, max_sessions=2)
+    engine = Engine.load(bundle, threads=threads, decode_threads=decode_threads, llm=llm, vision=vision,
+                         max_sessions=2)
     session = engine.session(image, history=True)
     region: dict = {}
     print(f"chatspot-edge chat on {image} ({session.width}x{session.height}); /help for commands", file=sys.stderr)
@@ -84,8 +100,10 @@ def chat(bundle: Path, image: Path, threads: int | None, llm: str | None, vision
                     region = {}
                     continue
                 if cmd == "/history":
-                    for t in session.turns:
-                        print(f"Q: {t.question}\nA: {t.answer}")
+                    kept = len(session.turns) - len(session.context_turns)
+                    for i, t in enumerate(session.turns):
+                        mark = "  (out of context)" if i < kept else ""
+                        print(f"Q: {t.question}{mark}\nA: {t.answer}")
                     continue
                 if cmd == "/image":
                     new = engine.session(rest.strip(), history=True)
@@ -109,6 +127,7 @@ def chat(bundle: Path, image: Path, threads: int | None, llm: str | None, vision
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+            _context_notes(session)
             print(_timing_line(session), file=sys.stderr)
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)

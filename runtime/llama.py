@@ -7,6 +7,12 @@ sequence's state. Positions are explicit everywhere: the caller owns the layout 
 
 AMX: ggml's AMX matmul segfaults on quantized weights (upstream bug). When the loaded ggml reports AMX and
 the model is quantized, the extra (repacking) buffer types are turned off, which avoids those kernels.
+
+Threads: `threads` runs batches of several tokens (prefill, llama.cpp's `n_threads_batch`), `decode_threads`
+one-token batches (`n_threads`); `set_threads` changes both on a live context (`runtime.threads` measures which
+counts are fastest). A llama.cpp build without OpenMP runs ggml's own thread pool, which llama.cpp starts and
+joins at EVERY `llama_decode` unless the context has pools attached: such builds get persistent pools here
+(`threadpools`), as llama.cpp's own programs do.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from chatspot_edge.errors import BundleError, InputError
+from chatspot_edge.runtime.ggml_pools import ThreadPools
 
 _BACKEND_READY = False
 _LOG_CALLBACK = None  # kept referenced: llama.cpp calls it from C
@@ -73,12 +80,18 @@ def gguf_architecture(path: Path) -> str:
         raise BundleError(f"{path}: unreadable GGUF header ({e})") from None
 
 
+def uses_openmp() -> bool:
+    """Whether the loaded ggml CPU backend runs its threads with OpenMP (`OPENMP = 1` in its feature report)."""
+    return re.search(r"OPENMP\s*=\s*1", system_info()) is not None
+
+
 class LlamaModel:
     """One GGUF model and one context with `n_seq_max` sequences sharing a unified KV cache of `n_ctx` cells."""
 
     def __init__(self, path: str | Path, n_ctx: int = 2048, threads: int | None = None, n_seq_max: int = 4,
                  quantized: bool = False, f32_kv: bool = False, flash_attn: bool | None = None,
-                 use_mmap: bool = True, n_batch: int = 512, vocab_only: bool = False):
+                 use_mmap: bool = True, n_batch: int = 512, vocab_only: bool = False,
+                 decode_threads: int | None = None, threadpools: bool | None = None):
         llama_cpp = _lib()
         self._c = llama_cpp
         self.path = Path(path)
@@ -100,13 +113,16 @@ class LlamaModel:
         self.ctx = None
         if vocab_only:  # tokenizer only
             return
-        threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        from chatspot_edge.runtime.threads import usable_cpus
+
+        threads = int(threads or usable_cpus())
+        decode_threads = int(decode_threads or threads)
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = min(n_batch, n_ctx)
         cp.n_ubatch = min(n_batch, n_ctx)
         cp.n_seq_max = n_seq_max
-        cp.n_threads = threads
+        cp.n_threads = decode_threads
         cp.n_threads_batch = threads
         cp.kv_unified = True
         cp.no_perf = False
@@ -120,8 +136,14 @@ class LlamaModel:
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise BundleError(f"{path}: llama.cpp could not create a context (n_ctx={n_ctx})")
-        self.threads = threads
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.threads = threads  # prefill (multi-token batches)
+        self.decode_threads = decode_threads
+        self._pools = None
+        if threadpools if threadpools is not None else not uses_openmp():
+            self._pools = ThreadPools(llama_cpp, self.ctx, decode_threads, threads)
+        # llama.cpp rounds the cache up (to 256 cells); positions stay within what was asked (the model's limit)
+        self.n_cells = int(llama_cpp.llama_n_ctx(self.ctx))
+        self.n_ctx = min(int(n_ctx), self.n_cells)
         self.n_batch = cp.n_batch
         self.n_seq_max = n_seq_max
         self.mem = llama_cpp.llama_get_memory(self.ctx)
@@ -129,6 +151,18 @@ class LlamaModel:
         self._emb_batch = llama_cpp.llama_batch_init(self.n_batch, self.n_embd, 1)
         self._greedy = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         llama_cpp.llama_sampler_chain_add(self._greedy, llama_cpp.llama_sampler_init_greedy())
+
+    # -- threads -----------------------------------------------------------------------------------------
+    def set_threads(self, prefill: int, decode: int) -> None:
+        """Thread counts for multi-token batches (prefill) and one-token batches (decode) from now on."""
+        self._c.llama_set_n_threads(self.ctx, int(decode), int(prefill))
+        if self._pools is not None:
+            self._pools.set(int(decode), int(prefill))
+        self.threads, self.decode_threads = int(prefill), int(decode)
+
+    def thread_counts(self) -> tuple[int, int]:
+        """(prefill, decode) as llama.cpp's context holds them."""
+        return int(self._c.llama_n_threads_batch(self.ctx)), int(self._c.llama_n_threads(self.ctx))
 
     # -- text --------------------------------------------------------------------------------------------
     def tokenize(self, text: str, parse_special: bool = True, add_bos: bool = False) -> list[int]:
@@ -238,6 +272,10 @@ class LlamaModel:
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> None:
         self._c.llama_memory_seq_rm(self.mem, seq, p0, p1)
 
+    def seq_positions(self, seq: int) -> tuple[int, int]:
+        """(smallest, largest) position sequence `seq` holds in the KV cache; (-1, -1) when it holds none."""
+        return (int(self._c.llama_memory_seq_pos_min(self.mem, seq)), int(self._c.llama_memory_seq_pos_max(self.mem, seq)))
+
     def seq_save(self, seq: int) -> bytes:
         n = self._c.llama_state_seq_get_size(self.ctx, seq)
         buf = (ctypes.c_uint8 * n)()
@@ -255,6 +293,9 @@ class LlamaModel:
             c.llama_batch_free(self._tok_batch)
             c.llama_batch_free(self._emb_batch)
             c.llama_sampler_free(self._greedy)
+            if getattr(self, "_pools", None) is not None:
+                self._pools.close()
+                self._pools = None
             c.llama_free(self.ctx)
             self.ctx = None
         if getattr(self, "model", None):

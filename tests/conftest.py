@@ -1,6 +1,8 @@
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see chatspot_edge/__init__.py
+from chatspot_edge.openmp import share_cores_with_torch
+
+share_cores_with_torch()  # the tests load torch and llama.cpp in one process (see chatspot_edge/openmp.py)
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -14,6 +16,18 @@ settings.register_profile("chatspot", deadline=None, max_examples=100, derandomi
 settings.register_profile("explore", deadline=None, max_examples=2000, database=None,
                           suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "chatspot"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _machine_cache(tmp_path_factory):
+    """Per-machine caches (the runtime's measured thread counts) go to a temporary folder, not the home's."""
+    old = os.environ.get("CHATSPOT_EDGE_CACHE")
+    os.environ["CHATSPOT_EDGE_CACHE"] = str(tmp_path_factory.mktemp("machine-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CHATSPOT_EDGE_CACHE", None)
+    else:
+        os.environ["CHATSPOT_EDGE_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

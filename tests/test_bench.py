@@ -72,7 +72,12 @@ def test_bench_json_has_every_spec_key(bench_json, tiny_bundle):
     assert "error" not in v, v.get("error")
     for k in VARIANT_KEYS:
         assert k in v, k
-    assert (v["llm"], v["vision"], v["threads"]) == ("F16", "fp32", 2)
+    assert (v["llm"], v["vision"]) == ("F16", "fp32")
+    plan = v["thread_plan"]  # threads "auto": the runtime's own choice, measured afresh in the worker
+    assert plan["source"] == "calibrated" and (v["threads"], v["decode_threads"]) == (plan["prefill"], plan["decode"])
+    raw = v["raw_llama"]  # the baseline: plain llama.cpp in a clean process, the best of every thread count
+    assert raw["chatspot_edge_imported"] is False and v["raw_llama_decode_tok_s"] == raw["best"]["decode_tok_s"]
+    assert set(raw["median"]) == {str(t) for t in range(1, m["cores"] + 1) if t & (t - 1) == 0 or t == m["cores"]}
     for k in VARIANT_KEYS[2:]:
         assert _positive(v[k]), (k, v[k])
     assert isinstance(v["bytes"], int)
@@ -154,6 +159,7 @@ def test_report_merges_machines(bench_json, gpu_json, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     md = (out / "report.md").read_text()
     assert "test-cpu" in md and "(PyTorch)" in md and "| F16 | fp32 |" in md and "Edge vs" in md
+    assert "Edge decode over the PyTorch reference" in md and "| x fp32 eager |" in md  # per reference path
     for name in ("latency_breakdown.png", "speed_vs_size.png", "edge_vs_gpu.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
@@ -161,8 +167,11 @@ def test_report_merges_machines(bench_json, gpu_json, tmp_path):
 def test_format_table_and_run_bench_api(bench_json):
     from chatspot_edge.benchmarks import format_table, run_bench  # noqa: F401 - the pipeline's entry points
 
+    from chatspot_edge.benchmarks.bench import threads_cell
+
     table = format_table(bench_json)
-    assert table.splitlines()[0].startswith("| machine | LLM | vision |") and "| test-cpu | F16 | fp32 | 2 |" in table
+    thr = threads_cell(bench_json["variants"][0])  # the measured choice: "2", or "2/1" for prefill/decode
+    assert thr and table.splitlines()[0].startswith("| machine | LLM | vision |") and f"| test-cpu | F16 | fp32 | {thr} |" in table
 
 
 def test_bad_bundle_exits_2_with_one_line(tmp_path):
