@@ -204,6 +204,18 @@ def chat(
 
 
 @app.command()
+def doctor(
+    bundle: Optional[Path] = typer.Argument(None, help="a bundle: try each of its variants here"),
+    threads: Optional[int] = typer.Option(None, help="threads for the trial runs (default: the runtime's)"),
+) -> None:
+    """This machine: CPU and its instruction sets, the llama.cpp build's, threads, versions; with a BUNDLE, which
+    of its variants run here. Exit 0: everything runs here; 1: something does not (the output says how to fix it)."""
+    from chatspot_edge.doctor import doctor as run_doctor
+
+    raise typer.Exit(run_doctor(bundle, threads=threads, out=typer.echo))
+
+
+@app.command()
 def pipeline(
     preset: str = typer.Option("mini"),
     out: Path = typer.Option(Path("runs/demo")),
