@@ -129,6 +129,11 @@ def quantize(
                                                                      "min(--limit, 64))"),
     sensitivity: bool = typer.Option(False, "--sensitivity", help="report: per-layer sensitivity (slow)"),
     recommend: bool = typer.Option(True, "--recommend/--no-recommend", help="report: record `recommended` in the manifest"),
+    imatrix: bool = typer.Option(False, "--imatrix", help="quantize --llm TYPES with an importance matrix computed on "
+                                 "SpotWorld train conversations (llama.cpp's tools: `make native`); variants "
+                                 "are named TYPE-imatrix"),
+    imatrix_records: Optional[int] = typer.Option(None, "--imatrix-records",
+                                                  help="calibration conversations for --imatrix (default 600)"),
 ) -> None:
     """Add quantized LLM / vision variants to a bundle (llama.cpp, onnxruntime, coremltools) and/or write a
     quality report (sizes, SPEC-6 accuracy, KL vs torch, cosine, latency) with a recommended default."""
@@ -138,7 +143,8 @@ def quantize(
         from chatspot_edge.quantize import quantize_bundle
 
         summary = quantize_bundle(bundle, llm=llm, vision=vision, coreml=coreml, force=force, threads=threads,
-                                  int8_method=int8_method, data=data, calib=calib, log=typer.echo)
+                                  int8_method=int8_method, data=data, calib=calib, imatrix=imatrix,
+                                  imatrix_records=imatrix_records, log=typer.echo)
         typer.echo(f"{bundle}: added {', '.join(summary['added']) or 'nothing'}"
                    + (f"; skipped {', '.join(summary['skipped'])}" if summary["skipped"] else ""))
     if report is not None:
