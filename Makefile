@@ -18,8 +18,16 @@ CMAKE ?= cmake
 # quantized models, an upstream bug). The wheel cache is keyed by the resulting options.
 # Override for another target, e.g. `make setup LLAMA_CPU_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON"`.
 LLAMA_CPU_FLAGS ?= $(shell $(PYTHON) chatspot_edge/cpu.py cmake-flags)
+# Portable: `make setup PORTABLE=1` builds one wheel for CPUs you don't know: ggml's GGML_BACKEND_DL +
+# GGML_CPU_ALL_VARIANTS, one libggml-cpu-<variant>.so per instruction-set level in llama_cpp/lib, the best one for
+# the CPU loaded at run time (runtime.llama.init_backend); the AMX variant is dropped from the wheel. Costs and
+# speed: docs/build.md. `make native PORTABLE=1` builds the tools the same way.
+ifneq ($(PORTABLE),)
+LLAMA_CPU_FLAGS := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON
+LLAMA_WHEEL_ARGS := -DGGML_BACKEND_DIR=llama_cpp/lib
+endif
 LLAMA_CMAKE_ARGS := -DGGML_OPENMP=ON -DLLAMA_CURL=OFF $(LLAMA_CPU_FLAGS)
-LLAMA_BUILD_KEY := $(shell echo "$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)" | sha256sum | cut -c1-16)
+LLAMA_BUILD_KEY := $(shell echo "$(LLAMA_CPP_VERSION) $(strip $(LLAMA_CMAKE_ARGS) $(LLAMA_WHEEL_ARGS))" | sha256sum | cut -c1-16)
 # Built wheels are kept outside the clone (keyed by version + flags), so a fresh clone does not recompile.
 WHEEL_CACHE ?= $(CACHE_ROOT)/wheels/llama-cpp-$(LLAMA_BUILD_KEY)
 
@@ -45,8 +53,9 @@ $(STAMP)/llama-$(LLAMA_BUILD_KEY): $(STAMP)/torch
 		sdist=$$($(CMAKE) -DCHATSPOT_PYTHON=$(abspath $(PY)) -DCHATSPOT_CACHE_DIR=$(CACHE_ROOT) \
 			-P cmake/LlamaSource.cmake | tail -n1) && \
 		mkdir -p $(WHEEL_CACHE) && \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(LLAMA_WHEEL_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 			$(PIP) wheel -q --no-cache-dir --no-deps -w $(WHEEL_CACHE).tmp "$$sdist" && \
+		$(if $(PORTABLE),$(PY) chatspot_edge/cpu.py drop-amx-variants $(WHEEL_CACHE).tmp/*.whl &&) \
 		mv $(WHEEL_CACHE).tmp/*.whl $(WHEEL_CACHE)/ && rmdir $(WHEEL_CACHE).tmp; \
 	fi
 	$(PIP) install -q --force-reinstall --no-deps $(WHEEL_CACHE)/llama_cpp_python-*.whl
@@ -87,7 +96,7 @@ $(NATIVE_DIR)/.built: | $(STAMP)/venv
 demo: setup
 	$(VENV)/bin/chatspot-edge pipeline --preset mini --out $(DEMO_DIR)
 
-test: setup browser
+test: setup native browser
 	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pytest -q tests
 
 # The serve page's browser tests drive Debian's Chromium through Playwright, which never downloads a browser.

@@ -257,6 +257,9 @@ def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | S
     manifest = verify_bundle(bundle)  # before any output: a bad bundle is one line on stderr
     manifest["_manifest_bytes"] = (bundle / "manifest.json").stat().st_size
     plan = resolve_variants(manifest, variants)
+    from chatspot_edge.runtime.build_guard import check_llama_build
+
+    check_llama_build()  # the workers load llama.cpp: a build for another CPU is one line here, not N crashes
 
     from chatspot_edge.benchmarks.limits import gguf_stats, onnx_flops, variant_limits
     from chatspot_edge.benchmarks.machine import cpu_count, machine_info, measure_rates
@@ -269,6 +272,7 @@ def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | S
     rates = machine.get("rates") or {}
     gstats: dict[str, dict] = {}
     raw_runs: dict[tuple, dict] = {}
+    llama_bench_runs: dict[tuple, dict] = {}
     vflops: dict[str, float | None] = {}
     results: list[dict[str, Any]] = []
     for v in plan:
@@ -306,6 +310,8 @@ def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | S
                                             int(summary.get("n_ctx") or 2048), raw_tokens, repeats, raw_runs, log))
             entry["files"] = files
             entry["default"] = v["default"]
+            entry["llama_bench"] = _llama_bench(bundle / v["llm_file"], int(entry.get("threads") or t or cpu_count()),
+                                                llama_bench_runs, log)
             if err:
                 entry["error"] = err
             else:
@@ -330,6 +336,23 @@ def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | S
     if out_json is not None:
         atomic_write_text(out_json, json.dumps(result, indent=2, default=_json_default) + "\n")
     return result
+
+
+def _llama_bench(gguf: Path, threads: int, done: dict, log) -> dict[str, Any]:
+    """llama-bench's pp128 / tg64 of this GGUF (`make native`'s build, a clean process), once per file and thread
+    count; {"skipped": why} without the tools, {"error": ...} when it fails."""
+    from chatspot_edge.llama_tools import llama_bench
+
+    key = (str(gguf), threads)
+    if key not in done:
+        try:
+            log(f"bench: llama-bench {gguf.name}, {threads} thread{'s' if threads > 1 else ''}")
+            done[key] = llama_bench(gguf, threads=threads)
+        except InputError as e:
+            done[key] = {"skipped": str(e)}
+        except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
+            done[key] = {"error": str(e)}
+    return done[key]
 
 
 def _json_default(o):
@@ -410,4 +433,10 @@ def format_table(result: dict[str, Any]) -> str:
     ref = result.get("reference")
     if ref:
         lines += ["", "| machine | reference | vision | TTFT | decode |", "|---|---|---|---|---|", reference_row(m, ref)]
+    lb = [v for v in result.get("variants") or [] if (v.get("llama_bench") or {}).get("tg_tok_s")]
+    if lb:  # llama.cpp's own benchmark of the same GGUF (`make native`), beside the runtime's decode
+        lines += ["", "| LLM | thr | llama-bench pp128 tok/s | llama-bench tg64 tok/s | runtime decode tok/s |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {v['llm']} | {v.get('threads')} | {_f(v['llama_bench'].get('pp_tok_s'))} "
+                  f"| {_f(v['llama_bench'].get('tg_tok_s'))} | {_f(v.get('decode_tok_s'))} |" for v in lb]
     return "\n".join(lines)

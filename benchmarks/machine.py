@@ -103,14 +103,14 @@ def library_versions() -> dict[str, str]:
 
 
 def llama_system_info() -> str | None:
-    """ggml's CPU feature report from llama-cpp-python (None where it is not installed)."""
+    """ggml's CPU feature report from llama-cpp-python (None where it is not installed or does not run here),
+    read in a child process (`runtime.build_guard`): loading a build for another CPU here could kill this one."""
+    from chatspot_edge.runtime.build_guard import llama_lib_dir, probe_system_info
+
+    lib = llama_lib_dir()
     try:
-        import llama_cpp
-    except Exception:  # noqa: BLE001 - not installed, or its shared library does not load here
-        return None
-    try:
-        return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
-    except Exception:  # noqa: BLE001
+        return probe_system_info(lib).strip() if lib is not None and lib.is_dir() else None
+    except Exception:  # noqa: BLE001 - a build that does not run here, or no llama_cpp
         return None
 
 

@@ -144,6 +144,11 @@ def quantize(
                                                                      "min(--limit, 64))"),
     sensitivity: bool = typer.Option(False, "--sensitivity", help="report: per-layer sensitivity (slow)"),
     recommend: bool = typer.Option(True, "--recommend/--no-recommend", help="report: record `recommended` in the manifest"),
+    imatrix: bool = typer.Option(False, "--imatrix", help="quantize --llm TYPES with an importance matrix computed on "
+                                 "SpotWorld train conversations (llama.cpp's tools: `make native`); variants "
+                                 "are named TYPE-imatrix"),
+    imatrix_records: Optional[int] = typer.Option(None, "--imatrix-records",
+                                                  help="calibration conversations for --imatrix (default 600)"),
 ) -> None:
     """Add quantized LLM / vision variants to a bundle (llama.cpp, onnxruntime, coremltools) and/or write a
     quality report (sizes, SPEC-6 accuracy, KL vs torch, cosine, latency) with a recommended default."""
@@ -154,7 +159,8 @@ def quantize(
         from chatspot_edge.quantize import quantize_bundle
 
         summary = quantize_bundle(bundle, llm=llm, vision=vision, coreml=coreml, force=force, threads=threads,
-                                  int8_method=int8_method, data=data, calib=calib, log=typer.echo)
+                                  int8_method=int8_method, data=data, calib=calib, imatrix=imatrix,
+                                  imatrix_records=imatrix_records, log=typer.echo)
         typer.echo(f"{bundle}: added {', '.join(summary['added']) or 'nothing'}"
                    + (f"; skipped {', '.join(summary['skipped'])}" if summary["skipped"] else ""))
     if report is not None:
@@ -257,6 +263,18 @@ def serve(
                            default_max_tokens=min(128, max_tokens), session_ttl_s=session_ttl, max_sessions=max_sessions)
     run_serve(bundle, host=host, port=port, allow_remote=allow_remote, llm=llm, vision=vision, threads=threads,
               options=options)
+
+
+@app.command()
+def doctor(
+    bundle: Optional[Path] = typer.Argument(None, help="a bundle: try each of its variants here"),
+    threads: Optional[int] = typer.Option(None, help="threads for the trial runs (default: the runtime's)"),
+) -> None:
+    """This machine: CPU and its instruction sets, the llama.cpp build's, threads, versions; with a BUNDLE, which
+    of its variants run here. Exit 0: everything runs here; 1: something does not (the output says how to fix it)."""
+    from chatspot_edge.doctor import doctor as run_doctor
+
+    raise typer.Exit(run_doctor(bundle, threads=threads, out=typer.echo))
 
 
 @app.command()

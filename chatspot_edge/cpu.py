@@ -13,6 +13,7 @@ anything installed (`python3 chatspot_edge/cpu.py cmake-flags`).
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -79,11 +80,18 @@ _DARWIN_ALIASES = {
 }
 
 
+# A file in /proc/cpuinfo format that stands for this CPU: to build for another machine from its cpuinfo
+# (`CHATSPOT_CPUINFO=their-cpuinfo make setup`) or to test the guard with a CPU that lacks something.
+CPUINFO_ENV = "CHATSPOT_CPUINFO"
+
+
 def cpu_features(cpuinfo: str | None = None) -> set[str]:
-    """This CPU's instruction-set flags, in Linux `/proc/cpuinfo` spelling (lower case)."""
+    """This CPU's instruction-set flags, in Linux `/proc/cpuinfo` spelling (lower case).
+
+    `cpuinfo`: the text of a /proc/cpuinfo to read instead (default: $CHATSPOT_CPUINFO's file, else /proc/cpuinfo)."""
     if cpuinfo is None:
         try:
-            with open("/proc/cpuinfo") as f:
+            with open(os.environ.get(CPUINFO_ENV) or "/proc/cpuinfo") as f:
                 cpuinfo = f.read()
         except OSError:
             cpuinfo = ""
@@ -145,14 +153,43 @@ def missing_instruction_sets(system_info: str, features: Iterable[str] | None = 
                   if not all(f in have for f in SYSTEM_INFO_NEEDS[s]))
 
 
+# ggml's GGML_CPU_ALL_VARIANTS builds one x86 variant with AMX kernels; a portable wheel ships without it, so an AMX
+# machine gets the best AVX-512 variant instead.
+AMX_VARIANTS = ("ggml-cpu-sapphirerapids",)
+
+
+def drop_amx_variants(wheel: str) -> list[str]:
+    """Rewrite a llama-cpp-python wheel without its AMX CPU variant(s) (and their RECORD lines); returns what
+    was dropped. Standard library only (zipfile), like the rest of this file."""
+    import zipfile
+
+    tmp = wheel + ".tmp"
+    dropped: list[str] = []
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        names = src.namelist()
+        drop = {n for n in names if any(f"lib{v}." in n.rsplit("/", 1)[-1] for v in AMX_VARIANTS)}
+        for info in src.infolist():
+            if info.filename in drop:
+                dropped.append(info.filename)
+                continue
+            data = src.read(info.filename)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = b"".join(l for l in data.splitlines(keepends=True) if l.split(b",")[0].decode() not in drop)
+            dst.writestr(info, data)
+    os.replace(tmp, wheel)
+    return dropped
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[1] if len(argv) > 1 else "cmake-flags"
     if cmd == "cmake-flags":
         print(" ".join(ggml_cmake_flags()))
     elif cmd == "features":
         print(" ".join(sorted(cpu_features())))
+    elif cmd == "drop-amx-variants" and len(argv) == 3:
+        print(f"{argv[2]}: dropped {', '.join(drop_amx_variants(argv[2])) or 'nothing'}")
     else:
-        print(f"usage: {argv[0]} [cmake-flags|features]", file=sys.stderr)
+        print(f"usage: {argv[0]} [cmake-flags|features|drop-amx-variants WHEEL]", file=sys.stderr)
         return 2
     return 0
 

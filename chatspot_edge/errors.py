@@ -9,3 +9,9 @@ class InputError(ValueError):
 
 class BundleError(InputError):
     """A bundle that is missing files, fails its checksums, or does not match its manifest."""
+
+
+class BuildError(InputError):
+    """The llama.cpp library (or tools) would execute instructions this CPU lacks: rebuild it, don't run it.
+
+    Also exit code 2 with one line: the message names the missing instruction sets and the command that fixes it."""

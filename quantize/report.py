@@ -220,7 +220,8 @@ def quality_report(bundle: str | Path, out: str | Path, data: str | Path | None 
     # LLM: sizes, types
     report["llm"] = {}
     for k, e in llms.items():
-        s = gguf_summary(bundle / e["file"], k if k in LLM_TYPES else None)
+        base_type = str(e.get("type") or k)  # "Q4_K_M-imatrix" variants name their llama.cpp type in `type`
+        s = gguf_summary(bundle / e["file"], base_type if base_type in LLM_TYPES else None)
         report["llm"][k] = {"file": e["file"], "bytes": s["bytes"], "bits_per_weight": s["bits_per_weight"],
                             "parameters": s["parameters"], "tensor_types": s["tensor_types"],
                             "fallback_tensors": len(s.get("fallbacks", {})), "default": k == base_llm_key}

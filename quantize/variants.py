@@ -101,13 +101,21 @@ def _check_gguf_loads(path: Path) -> None:
 def quantize_bundle(bundle: str | Path, llm: Sequence[str] | str | None = None,
                     vision: Sequence[str] | str | None = None, coreml: bool = False, force: bool = False,
                     threads: int | None = None, int8_method: str = "auto", data: str | Path | None = None,
-                    calib: int = 32, n_eval_images: int = 16, timing_runs: int = 20, log: Log = print) -> dict:
+                    calib: int = 32, n_eval_images: int = 16, timing_runs: int = 20, imatrix: bool = False,
+                    imatrix_records: int | None = None, log: Log = print) -> dict:
     """Add LLM variants (`llm`: e.g. "q8_0,q4_k_m"), ONNX vision variants (`vision`: "fp16,int8") and, with
-    `coreml`, Core ML compressed vision packages to `bundle`. Returns a summary:
+    `coreml`, Core ML compressed vision packages to `bundle`. With `imatrix`, the LLM variants are quantized
+    with an importance matrix computed on `imatrix_records` SpotWorld train conversations (`quantize.imatrix`)
+    and named "<TYPE>-imatrix" (the plain variants stay). Returns a summary:
     {"added": [...], "skipped": [...], "fallbacks": {quant: {...}}, "vision": {precision: {...}}}."""
+    from chatspot_edge.quantize.imatrix import DEFAULT_RECORDS, IMATRIX_SUFFIX
+
     bundle = Path(bundle)
     manifest = verify_bundle(bundle)
     llm_types = [llm_type(n) for n in _split(llm)]
+    suffix = IMATRIX_SUFFIX if imatrix else ""
+    if imatrix and not llm_types:
+        raise InputError("--imatrix quantizes LLM variants: give --llm TYPES too")
     precisions = [parse_precision(n) for n in _split(vision)]
     if not (llm_types or precisions or coreml):
         raise InputError("nothing to quantize: give --llm and/or --vision (or --coreml)")
@@ -117,10 +125,10 @@ def quantize_bundle(bundle: str | Path, llm: Sequence[str] | str | None = None,
     have_llm = manifest.get("llm_variants") or {}
     have_vis = manifest.get("vision_variants") or {}
     have_cml = manifest.get("coreml_variants") or {}
-    todo_llm = [t for t in llm_types if force or t.name not in have_llm]
+    todo_llm = [t for t in llm_types if force or t.name + suffix not in have_llm]
     todo_vis = [p for p in precisions if force or p not in have_vis]
     todo_cml = [k for k in COREML_VARIANTS if coreml and (force or k not in have_cml)]
-    skipped = ([t.name for t in llm_types if t not in todo_llm] + [p for p in precisions if p not in todo_vis]
+    skipped = ([t.name + suffix for t in llm_types if t not in todo_llm] + [p for p in precisions if p not in todo_vis]
                + [f"coreml-{k}" for k in COREML_VARIANTS if coreml and k not in todo_cml])
     for s in skipped:
         log(f"skip {s}: already in the bundle (--force rebuilds it)")
@@ -143,22 +151,37 @@ def quantize_bundle(bundle: str | Path, llm: Sequence[str] | str | None = None,
             _link_tree(bundle, tmp, manifest)
             if todo_llm:
                 variants = dict(have_llm)
+                imat_info = None
+                if imatrix:
+                    from chatspot_edge.quantize.imatrix import compute_imatrix
+
+                    imat_file = work / "imatrix.gguf"
+                    imat_info = compute_imatrix(tmp / source["file"], imat_file, manifest,
+                                                Path(data) if data is not None else None,
+                                                imatrix_records or DEFAULT_RECORDS, threads, log=log)
                 for t in todo_llm:
-                    name = llm_file_name(t.name)
-                    log(f"LLM {t.name}: {source['file']} -> {name}")
+                    name = llm_file_name(t.name + suffix)
+                    log(f"LLM {t.name + suffix}: {source['file']} -> {name}")
                     part = work / name
-                    quantize_gguf(tmp / source["file"], part, t.name, threads)
+                    if imatrix:
+                        from chatspot_edge.quantize.imatrix import quantize_with_imatrix
+
+                        quantize_with_imatrix(tmp / source["file"], part, t.name, imat_file, threads)
+                    else:
+                        quantize_gguf(tmp / source["file"], part, t.name, threads)
                     _check_gguf_loads(part)
                     shutil.move(str(part), str(_fresh(tmp / name)))
                     s = gguf_summary(tmp / name, t.name)
-                    variants[t.name] = {
-                        "file": name, "quant": t.name, "n_embd": int(source["n_embd"]), "n_ctx": int(source["n_ctx"]),
+                    variants[t.name + suffix] = {
+                        "file": name, "quant": t.name + suffix, "n_embd": int(source["n_embd"]),
+                        "n_ctx": int(source["n_ctx"]),
                         "bytes": s["bytes"], "bits_per_weight": s["bits_per_weight"], "source": source["file"],
                         "tensor_types": s["tensor_types"],
                         "fallback_tensors": {k: v["type"] for k, v in s["fallbacks"].items()},
+                        **({"type": t.name, "imatrix": imat_info} if imatrix else {}),
                     }
-                    summary["fallbacks"][t.name] = s["fallbacks"]
-                    summary["added"].append(t.name)
+                    summary["fallbacks"][t.name + suffix] = s["fallbacks"]
+                    summary["added"].append(t.name + suffix)
                     for line in [f"  {s['bytes'] / 1e6:.1f} MB, {s['bits_per_weight']:.2f} bits per weight",
                                  *_fallback_lines(t.name, s["fallbacks"])]:
                         log(line)

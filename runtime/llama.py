@@ -5,6 +5,9 @@ position (`llama_batch_init(n, n_embd, 1)` + `batch.embd`; a batch holds tokens 
 sequences in one context with per-sequence KV trimming (`llama_memory_seq_rm`), and saving / restoring one
 sequence's state. Positions are explicit everywhere: the caller owns the layout of each sequence.
 
+Before llama.cpp is loaded into the process, `runtime.build_guard.check_llama_build()` checks (in a child process)
+that the library was compiled for instruction sets this CPU has; a mismatch is a one-line BuildError (exit 2).
+
 AMX: ggml's AMX matmul segfaults on quantized weights (upstream bug). When the loaded ggml reports AMX and
 the model is quantized, the extra (repacking) buffer types are turned off, which avoids those kernels.
 
@@ -37,12 +40,37 @@ def _log(level, text, user_data):  # noqa: ANN001 - ctypes callback; llama.cpp i
         print(text.decode(errors="replace"), end="")
 
 
+def init_backend(llama_cpp) -> None:  # noqa: ANN001 - the llama_cpp module
+    """`llama_backend_init()`, after loading the CPU backend variants of a portable build.
+
+    A portable build (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS, `make setup PORTABLE=1`) ships one
+    libggml-cpu-<variant> per instruction-set level beside libllama and registers none by itself: ggml scores
+    each variant against this CPU and loads the best one. Other builds have their CPU backend compiled in."""
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    from chatspot_edge.runtime.build_guard import llama_lib_dir
+
+    lib_dir = llama_lib_dir()
+    if lib_dir is not None and any(lib_dir.glob("*ggml-cpu-*")):
+        ggml = load_shared_library("ggml", lib_dir)  # the copy libllama linked (same file: not loaded twice)
+        ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+        if ggml.ggml_backend_reg_count() == 0:
+            ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+            ggml.ggml_backend_load_all_from_path(str(lib_dir).encode())
+    llama_cpp.llama_backend_init()
+
+
 def _lib():
     global _BACKEND_READY, _LOG_CALLBACK
+    if not _BACKEND_READY:
+        # before this process loads llama.cpp: a build for instructions this CPU lacks would die of SIGILL
+        from chatspot_edge.runtime.build_guard import check_llama_build
+
+        check_llama_build()
     import llama_cpp
 
     if not _BACKEND_READY:
-        llama_cpp.llama_backend_init()
+        init_backend(llama_cpp)
         _LOG_CALLBACK = llama_cpp.llama_log_callback(_log)
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
         _BACKEND_READY = True
