@@ -27,7 +27,7 @@ from PIL import Image
 
 from chatspot_edge import referring
 from chatspot_edge.errors import BundleError, InputError
-from chatspot_edge.model.preprocess import load_image, resize_pixels
+from chatspot_edge.model.preprocess import load_image, region_source, resize_pixels
 from chatspot_edge.model.prompt import PromptFormat
 from chatspot_edge.runtime.llama import LlamaModel, gguf_architecture
 from chatspot_edge.runtime.vision import CoreMLVision, OnnxRegion, OnnxVision
@@ -157,8 +157,10 @@ class Engine:
 
     def session(self, image: str | Path | bytes | Image.Image, history: bool = False) -> "Session":
         """A conversation about one image. With `history`, earlier questions and answers stay in context."""
-        pixels, size = self.pixels(image)
-        return Session(self, pixels, size, history)
+        img = load_image(image)
+        pixels = resize_pixels(img, self.image_size, self.resize)
+        reads_crops = self.region is not None and self.region.crop_size is not None
+        return Session(self, pixels, img.size, history, original=region_source(img) if reads_crops else None)
 
     # -- sequence slots ----------------------------------------------------------------------------------
     def _acquire(self, session: "Session") -> int:
@@ -202,8 +204,10 @@ class _Turn:
 class Session:
     """Questions about one image. Regions are given in PIXELS of the original image."""
 
-    def __init__(self, engine: Engine, pixels: np.ndarray, size: tuple[int, int], history: bool):
+    def __init__(self, engine: Engine, pixels: np.ndarray, size: tuple[int, int], history: bool,
+                 original: Image.Image | None = None):
         self.engine, self.pixels, self.size, self.history = engine, pixels, size, history
+        self.original = original  # what region crops are read from (region graphs with a `crops` input)
         self.width, self.height = size
         self.turns: list[_Turn] = []
         self.timings = Timings()
@@ -281,7 +285,8 @@ class Session:
         segs: list = []
         region_embeds = None
         if boxes:
-            region_embeds = clock(eng.region, self._embeds, np.asarray(boxes, dtype=np.float32), self.pixels)
+            region_embeds = clock(eng.region, self._embeds, np.asarray(boxes, dtype=np.float32), self.pixels,
+                                  self.original)
         for i, part in enumerate(parts):
             if part:
                 segs.append(clock(eng.llm.tokenize, part))

@@ -41,7 +41,7 @@ from chatspot_edge.errors import InputError
 from chatspot_edge.files import atomic_dir
 from chatspot_edge.model.chatspot import ChatSpotModel, ChatSpotOutput
 from chatspot_edge.model.checkpoint import save_checkpoint
-from chatspot_edge.model.preprocess import resize_pixels
+from chatspot_edge.model.preprocess import region_crops, resize_pixels
 from chatspot_edge.model.processor import Processor
 
 PRESET_DEFAULTS = {  # batch size, stage-2 minutes, stage-1 steps, LLM LR, projector LR
@@ -81,6 +81,13 @@ class AdaptOptions:
     blocks: str | None = None  # mini: which SmolLM2 blocks to keep, e.g. "0,6,12,18,24,29"
     lr_llm: float | None = None  # override the preset's LLM (transformer blocks) learning rate
     lr_embed: float | None = None  # learning rate of the (tied) token embeddings; default: lr_llm
+    embeddings: str = "added"  # which token-embedding rows train in stage 2: "added" (the added tokens' rows
+    # only, see train.added_rows) or "all" (the whole 49k-row tied table)
+    precision: str = "auto"  # autocast: "bf16", "fp32", or "auto" (bf16 on a GPU or a CPU with bf16 matrix
+    # instructions, fp32 elsewhere: on AVX2-only CPUs bf16 is emulated and slower)
+    turns: int = 0  # > 0: up to this many questions per image per sample, as independent turns on one
+    # shared [system + image] prefix (Processor.encode_turns); 0: the conversation as one chat
+    design: dict | None = None  # overrides of model.presets.DESIGN (ablations), e.g. {"position_2d": False}
     quiet: bool = False
 
 
@@ -91,11 +98,13 @@ class Batches:
     """Deterministic batches over records: epoch e uses a permutation seeded by (seed, e). `position` counts
     samples consumed, so a resumed run draws exactly the batches the uninterrupted run would have."""
 
-    def __init__(self, records: list[dict], data_dir: Path, proc: Processor, image_size, seed: int, max_tokens: int):
+    def __init__(self, records: list[dict], data_dir: Path, proc: Processor, image_size, seed: int, max_tokens: int,
+                 turns: int = 0):
         from chatspot_edge.data import load_image
 
         self.records, self.data_dir, self.proc = records, data_dir, proc
         self.image_size, self.seed, self.max_tokens = image_size, seed, max_tokens
+        self.turns = turns  # > 0: up to this many questions per image as independent turns (encode_turns)
         self.load_image = load_image
         self.position = 0
         self._pixels: dict[str, np.ndarray] = {}
@@ -117,16 +126,27 @@ class Batches:
             self._pixels[key] = resize_pixels(self.load_image(self.data_dir, rec), self.image_size)
         return self._pixels[key]
 
+    def crops(self, rec: dict, boxes: list) -> np.ndarray:
+        """The region crops of `boxes` (normalized, from the question text) read from the original image."""
+        return region_crops(self.load_image(self.data_dir, rec), boxes, self.proc.config.region_crop_size)
+
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        encs, pix = [], []
+        encs, pix, crops = [], [], []
+        cfg = self.proc.config
+        want_crops = cfg.region_token and cfg.region_crop == "original"
         for i in indices:
             rec = self.records[i]
-            enc = self.proc.encode_conversation(rec["conversations"])
+            if self.turns:
+                enc = self.proc.encode_turns(rec["conversations"], self.turns, self.max_tokens)
+            else:
+                enc = self.proc.encode_conversation(rec["conversations"])
             if len(enc.ids) > self.max_tokens:  # keep the prompt, truncate the tail (labels included)
                 n_regions = enc.ids[: self.max_tokens].count(self.proc.config.region_token_id)
                 enc.ids, enc.labels, enc.boxes = enc.ids[: self.max_tokens], enc.labels[: self.max_tokens], enc.boxes[:n_regions]
             encs.append(enc)
             pix.append(self.pixels(rec))
+            if want_crops and enc.boxes:
+                crops.append(self.crops(rec, enc.boxes))
         T = max(len(e.ids) for e in encs)
         pad = self.proc.config.pad_token_id
         ids = torch.full((len(encs), T), pad, dtype=torch.long)
@@ -138,8 +158,33 @@ class Batches:
             mask[b, : len(e.ids)] = 1
         boxes = torch.tensor([bx for e in encs for bx in e.boxes], dtype=torch.float32).reshape(-1, 4)
         box_batch = torch.tensor([b for b, e in enumerate(encs) for _ in e.boxes], dtype=torch.long)
-        return dict(input_ids=ids, attention_mask=mask, labels=labels, boxes=boxes, box_batch=box_batch,
-                    pixels=torch.from_numpy(np.stack(pix)))
+        out = dict(input_ids=ids, attention_mask=mask, labels=labels, boxes=boxes, box_batch=box_batch,
+                   pixels=torch.from_numpy(np.stack(pix)), n_tokens=torch.tensor(sum(len(e.ids) for e in encs)))
+        if self.turns:
+            out.update(turn_masks(encs, T))
+        if want_crops:
+            h, w = cfg.region_crop_size
+            out["crops"] = torch.from_numpy(np.concatenate(crops) if crops else np.zeros((0, h, w, 4), np.uint8))
+        return out
+
+
+def turn_masks(encs: list, T: int) -> dict[str, torch.Tensor]:
+    """Attention mask, positions and turn numbers for samples encoded as independent turns
+    (`Processor.encode_turns`, right-padded to T): token i attends to token j <= i of the shared prefix
+    (segment 0) or of its own turn, as the runtime's follow-up question attends to the cached [system + image]
+    only. Returns `attention_mask` bool `[B, 1, T, T]`, `position_ids` / `segments` `[B, T]`, `box_segment` `[R]`."""
+    B = len(encs)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    for b, e in enumerate(encs):
+        seg[b, : len(e.ids)] = torch.tensor(e.segments)
+        pos[b, : len(e.ids)] = torch.tensor(e.positions)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+    allowed = causal & same & (seg[:, None, :] >= 0)
+    allowed |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
+    box_segment = torch.tensor([k for e in encs for k in (e.box_segments or [])], dtype=torch.long)
+    return dict(attention_mask=allowed[:, None], position_ids=pos, segments=seg.clamp(min=0), box_segment=box_segment)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,6 +286,20 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def _autocast(device: str, precision: str):
+    """The training autocast context: bf16 where the hardware multiplies bf16 natively (a GPU; a CPU with
+    AVX-512 BF16 or AMX), fp32 elsewhere (on AVX2 bf16 matrix products are converted and run slower)."""
+    if precision == "auto":
+        from chatspot_edge.cpu import cpu_features
+
+        native = device.startswith("cuda") or bool({"avx512_bf16", "amx_bf16"} & cpu_features())
+        precision = "bf16" if native else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise InputError(f"--precision must be bf16, fp32 or auto, got {precision!r}")
+    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
+
+
 def _log(opts: AdaptOptions, rank: int, msg: str) -> None:
     if rank == 0 and not opts.quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -249,7 +308,7 @@ def _log(opts: AdaptOptions, rank: int, msg: str) -> None:
 def _set_trainable(model: ChatSpotModel, stage: int, lora: bool) -> None:
     for p in model.parameters():
         p.requires_grad = False
-    for m in (model.projector, model.region):
+    for m in (model.projector, model.position, model.region):
         if m is not None:
             for p in m.parameters():
                 p.requires_grad = True
@@ -259,8 +318,10 @@ def _set_trainable(model: ChatSpotModel, stage: int, lora: bool) -> None:
 
 
 def _param_groups(model: ChatSpotModel, lr_llm: float, lr_proj: float, lr_embed: float | None = None) -> list[dict]:
-    proj = [p for m in (model.projector, model.region) if m is not None for p in m.parameters() if p.requires_grad]
-    emb = model.llm.get_input_embeddings().weight
+    proj = [p for m in (model.projector, model.position, model.region) if m is not None for p in m.parameters()
+            if p.requires_grad]
+    table = model.llm.get_input_embeddings()
+    emb = table.table.added if hasattr(table, "table") else table.weight  # train.added_rows, or the whole table
     llm = [p for p in model.llm.parameters() if p.requires_grad and p is not emb]
     groups = [{"params": proj, "lr": lr_proj, "base_lr": lr_proj, "weight_decay": 0.0}]
     if llm:
@@ -279,7 +340,7 @@ def _build_model(opts: AdaptOptions):
         return load_checkpoint(opts.init)
     blocks = tuple(int(b) for b in opts.blocks.split(",")) if opts.blocks else None
     model, tok = build_preset(opts.preset, pretrained=True, vision_pool=opts.vision_pool, seed=opts.seed,
-                              blocks=blocks)
+                              blocks=blocks, design=opts.design)
     if not opts.region_token:
         model.config.region_token = False
         model.region = None
@@ -300,7 +361,7 @@ def warm_start_from(model: ChatSpotModel, source: Path) -> dict:
         raise InputError(f"{source}: vision encoder or hidden size differs from the {model.config.preset} preset")
     copied = []
     with torch.no_grad():
-        for name in ("projector", "region"):
+        for name in ("projector", "position", "region"):
             mine, theirs = getattr(model, name), getattr(src, name)
             if mine is None or theirs is None:
                 continue
@@ -362,6 +423,15 @@ def adapt(opts: AdaptOptions) -> dict:
         model.llm = get_peft_model(model.llm, LoraConfig(
             r=16, lora_alpha=32, lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    added_rows = None
+    if opts.embeddings == "added":
+        if opts.fsdp:
+            raise InputError("--fsdp trains the whole embedding table: add --embeddings all")
+        from chatspot_edge.train.added_rows import AddedRows
+
+        added_rows = AddedRows(model.llm, model.config.image_token_id)  # added tokens follow the base vocabulary
+    elif opts.embeddings != "all":
+        raise InputError(f"--embeddings must be 'added' or 'all', got {opts.embeddings!r}")
     model.to(device)
     sharded = None
     if opts.fsdp:
@@ -371,8 +441,9 @@ def adapt(opts: AdaptOptions) -> dict:
             raise InputError("--fsdp with --lora is not supported: LoRA adapters are small enough for DDP")
         sharded = _shard(model)
     proc = Processor(tok, model.config)
-    data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, opts.max_tokens)
-    data1 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed + 1, opts.max_tokens)
+    data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, opts.max_tokens, opts.turns)
+    data1 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed + 1, opts.max_tokens,
+                    opts.turns)
     data1._pixels = data2._pixels  # one image cache
 
     state_dir = opts.out.with_name(opts.out.name + ".train-state")
@@ -388,7 +459,7 @@ def adapt(opts: AdaptOptions) -> dict:
         resumed = True
         _log(opts, rank, f"resumed from {state_dir}: stage {meta['stage']}, step {meta['step']}")
 
-    autocast = torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    autocast = _autocast(device, opts.precision)
     model.vision.eval()  # frozen, BatchNorm in inference mode
 
     def train_step(data: Batches, opt: torch.optim.Optimizer, factor: float) -> tuple[float, int]:
@@ -399,6 +470,7 @@ def adapt(opts: AdaptOptions) -> dict:
         total_loss, n_tok = 0.0, 0
         for a in range(opts.grad_accum):
             batch = {k: v.to(device) for k, v in data.collate(mine[a * micro:(a + 1) * micro]).items()}
+            n_tok += int(batch.pop("n_tokens"))
             last = a == opts.grad_accum - 1
             if sharded is not None:
                 sharded.set_requires_gradient_sync(last)  # FSDP: reduce-scatter once per optimizer step
@@ -408,7 +480,6 @@ def adapt(opts: AdaptOptions) -> dict:
                     out = fwd(per_sample=opts.per_sample_loss, region_align=opts.region_align, **batch)
                 (out.loss / opts.grad_accum).backward()
             total_loss += float(out.loss.detach()) / opts.grad_accum
-            n_tok += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -497,6 +568,8 @@ def adapt(opts: AdaptOptions) -> dict:
     if sharded is not None:
         model = gathered_model(model, sharded)  # full weights on rank 0 (a collective)
     if rank == 0:
+        if added_rows is not None:
+            added_rows.merge()
         if opts.lora:
             model.llm = model.llm.merge_and_unload()
         model.config.provenance = dict(model.config.provenance, adapt={
@@ -559,7 +632,7 @@ class _Forward(torch.nn.Module):
     def forward(self, pixels: torch.Tensor, **batch) -> ChatSpotOutput:
         with torch.no_grad():
             features = self.model.vision(pixels)
-        out = self.model(image_embeds=self.model.projector(features), pixels=pixels, **batch)
+        out = self.model(image_embeds=self.model.project(features), pixels=pixels, **batch)
         region = self.model.region
         if region is not None and batch["boxes"].numel() == 0 and out.loss is not None:
             # no region in this micro-batch: a zero term keeps the region encoder in the graph, so every rank
