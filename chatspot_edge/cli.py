@@ -65,6 +65,17 @@ def adapt(
     warm_start: Optional[Path] = typer.Option(None, "--warm-start",
                                               help="copy projector, region encoder and added-token embeddings "
                                                    "from this checkpoint (same vision encoder and hidden size)"),
+    turns: Optional[int] = typer.Option(None, "--turns", help="questions per image per sample, as independent "
+                                        "turns on one shared image prefix (0: the conversation as one chat)"),
+    embeddings: str = typer.Option("added", "--embeddings", help="token-embedding rows that train in stage 2: "
+                                   "added (the added tokens only) or all"),
+    precision: str = typer.Option("auto", "--precision", help="bf16, fp32 or auto (bf16 where the hardware "
+                                  "multiplies bf16 natively)"),
+    position_2d: bool = typer.Option(True, "--position-2d/--no-position-2d", help="2D cell position in the image tokens"),
+    region_crop: str = typer.Option("original", "--region-crop", help="region appearance: original (aspect-kept "
+                                    "crop of the original image) or resized (16x16 RoI of the square resize)"),
+    region_geometry: bool = typer.Option(True, "--region-geometry/--no-region-geometry",
+                                         help="box centre / size embedding in each region embedding"),
 ) -> None:
     """Referring-instruction tuning (ChatSpot's two stages): projector alignment, then projector + LLM."""
     from chatspot_edge.train.adapt import AdaptOptions, adapt as run_adapt
@@ -74,7 +85,9 @@ def adapt(
                         eval_samples=eval_samples,
                         save_every=save_every, resume=resume, lora=lora, fsdp=fsdp, seed=seed, vision_pool=vision_pool,
                         region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed,
-                        region_align=region_align, region_placement=region_placement, warm_start=warm_start)
+                        region_align=region_align, region_placement=region_placement, warm_start=warm_start,
+                        turns=turns, embeddings=embeddings, precision=precision,
+                        design=dict(position_2d=position_2d, region_crop=region_crop, region_geometry=region_geometry))
     run_adapt(opts)
 
 

@@ -304,13 +304,22 @@ class _Scene:
     canvas: np.ndarray
     masks: list[np.ndarray]
     full_area: list[int]
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)  # boxes and areas, computed once
 
     @property
     def objects(self) -> tuple:
         return self.spec.objects
 
     def box(self, i: int) -> list[int]:
-        return mask_box(self.masks[i])
+        if ("box", i) not in self._memo:
+            self._memo[("box", i)] = mask_box(self.masks[i])
+        return list(self._memo[("box", i)])
+
+    def visible(self, i: int) -> int:
+        """Visible pixels of object i."""
+        if ("area", i) not in self._memo:
+            self._memo[("area", i)] = int(self.masks[i].sum())
+        return self._memo[("area", i)]
 
     def shape_ids(self) -> list[int]:
         return [i for i, o in enumerate(self.objects) if o.shape != TEXT_SHAPE]
@@ -677,7 +686,7 @@ def _position(a: Sequence[int], b: Sequence[int]) -> str | None:
 def _size_relation(sc: _Scene, i: int, j: int) -> str | None:
     """'larger' / 'smaller' when object i is clearly (1.8x full area, 1.5x visible area) bigger or smaller."""
     fi, fj = sc.full_area[i], sc.full_area[j]
-    vi, vj = int(sc.masks[i].sum()), int(sc.masks[j].sum())
+    vi, vj = sc.visible(i), sc.visible(j)
     if fi >= 1.8 * fj and vi >= 1.5 * vj:
         return "larger"
     if fj >= 1.8 * fi and vj >= 1.5 * vi:

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from chatspot_edge.model.preprocess import region_crops
+from chatspot_edge.runtime.vision import OnnxRegion
 from chatspot_edge.errors import BundleError, InputError
 from chatspot_edge.export import FORMAT, export_bundle, verify_bundle
 from chatspot_edge.export import bundle as bundle_mod
@@ -60,7 +62,9 @@ def test_manifest_contract(bundle, ckpt, tiny):
     ref = m["referring"]
     assert ref["format"] == "chatspot-text-v1" and ref["region_token"] is True
     assert ref["graph"] == "region.onnx" and ref["placeholder"] == "<region>"
-    assert set(ref["inputs"]) == {"image_embeds", "boxes", "image"} and set(ref["outputs"]) == {"region_embeds"}
+    assert set(ref["inputs"]) == {"image_embeds", "boxes", "crops"} and set(ref["outputs"]) == {"region_embeds"}
+    assert ref["crop"]["function"] == "chatspot_edge.model.preprocess.region_crops"
+    assert [ref["crop"]["height"], ref["crop"]["width"]] == list(model.config.region_crop_size)
     st = m["special_tokens"]
     assert [st[k] for k in ("image", "box_start", "box_end", "region")] == [49152, 49153, 49154, 49155]
     assert st["eos"] in st["stop"] and tok.convert_tokens_to_ids("<|im_end|>") in st["stop"]
@@ -170,20 +174,21 @@ def test_full_chain_greedy_matches_torch(bundle, tiny):
     proc = Processor(tok, model.config)
     st = m["special_tokens"]
     vision = onnx_session(bundle / m["vision"]["file"])
-    region = onnx_session(bundle / m["referring"]["graph"])
+    region = OnnxRegion(bundle / m["referring"]["graph"])  # as the runtime feeds it: crops made from the original
     rng = np.random.default_rng(3)
     with LlamaCheck(bundle / m["llm"]["file"], n_ctx=256, n_threads=2) as lc:
         for q in QUESTIONS:
             enc = proc.encode_prompt(q)
             img = rng.integers(0, 256, (1, m["image"]["height"], m["image"]["width"], 3), dtype=np.uint8)
+            original = rng.integers(0, 256, (97, 150, 3), dtype=np.uint8)
             emb = vision.run(["image_embeds"], {"image": img})[0]
             replace = {st["image"]: emb[0]}
+            crops = None
             if enc.boxes:
-                replace[st["region"]] = region.run(
-                    ["region_embeds"], {"image_embeds": emb, "boxes": np.asarray(enc.boxes, dtype=np.float32),
-                                        "image": img})[0]
+                replace[st["region"]] = region(emb, np.asarray(enc.boxes, dtype=np.float32), img[0], original)
+                crops = torch.from_numpy(region_crops(original, enc.boxes, model.config.region_crop_size))
             got = lc.greedy(split_segments(enc.ids, replace), max_new_tokens=8)
-            ref = model.generate([enc.ids], torch.from_numpy(img), [enc.boxes], max_new_tokens=8)[0]
+            ref = model.generate([enc.ids], torch.from_numpy(img), [enc.boxes], max_new_tokens=8, crops=crops)[0]
             assert got == ref, q
 
 

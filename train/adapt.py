@@ -286,18 +286,24 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _autocast(device: str, precision: str):
-    """The training autocast context: bf16 where the hardware multiplies bf16 natively (a GPU; a CPU with
-    AVX-512 BF16 or AMX), fp32 elsewhere (on AVX2 bf16 matrix products are converted and run slower)."""
+def resolve_precision(device: str, precision: str) -> str:
+    """"bf16" or "fp32" for `precision` ("auto": bf16 where the hardware multiplies bf16 natively, a GPU or a
+    CPU with AVX-512 BF16 / AMX; fp32 elsewhere: on an AVX2-only CPU (measured on a Zen 3) a bf16 matrix
+    product is emulated and runs 5-6x slower than fp32)."""
     if precision == "auto":
         from chatspot_edge.cpu import cpu_features
 
         native = device.startswith("cuda") or bool({"avx512_bf16", "amx_bf16"} & cpu_features())
-        precision = "bf16" if native else "fp32"
+        return "bf16" if native else "fp32"
     if precision not in ("bf16", "fp32"):
         raise InputError(f"--precision must be bf16, fp32 or auto, got {precision!r}")
+    return precision
+
+
+def _autocast(device: str, precision: str):
+    """The training autocast context for `resolve_precision(device, precision)`."""
     return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
-                          enabled=precision == "bf16")
+                          enabled=resolve_precision(device, precision) == "bf16")
 
 
 def _log(opts: AdaptOptions, rank: int, msg: str) -> None:
@@ -549,7 +555,7 @@ def adapt(opts: AdaptOptions) -> dict:
         if opts.eval_every and meta["step"] % opts.eval_every == 0:
             plain = gathered_model(model, sharded)  # FSDP: a collective; None on ranks > 0
             if rank == 0:
-                acc = quick_eval(plain, tok, opts.data, opts.eval_samples)
+                acc = quick_eval(plain, tok, opts.data, opts.eval_samples, opts.precision)
                 meta["evals"].append({"step": meta["step"], "elapsed_s": round(time.perf_counter() - t_start, 1), **acc})
                 _log(opts, rank, f"eval @ {meta['step']}: {acc}")
             model.train(); model.vision.eval()
@@ -565,11 +571,11 @@ def adapt(opts: AdaptOptions) -> dict:
 
     elapsed = time.perf_counter() - t_start
     model.eval()
+    if added_rows is not None:
+        added_rows.merge()  # every rank: the returned model is an ordinary tied embedding again
     if sharded is not None:
         model = gathered_model(model, sharded)  # full weights on rank 0 (a collective)
     if rank == 0:
-        if added_rows is not None:
-            added_rows.merge()
         if opts.lora:
             model.llm = model.llm.merge_and_unload()
         model.config.provenance = dict(model.config.provenance, adapt={
@@ -642,15 +648,17 @@ class _Forward(torch.nn.Module):
         return out
 
 
-def quick_eval(model: ChatSpotModel, tok, data: Path, n: int) -> dict:
-    """Region recognition and point QA on the first `n` test records (the learning curve)."""
+def quick_eval(model: ChatSpotModel, tok, data: Path, n: int, precision: str = "auto") -> dict:
+    """Every SPEC-6 accuracy (no box noise) + relation and counting on the first `n` test records with a region
+    or counting question (the learning curve)."""
     from chatspot_edge.data import load_image, load_split
     from chatspot_edge.evaluation.answerers import TorchAnswerer
     from chatspot_edge.evaluation.protocol import evaluate
 
-    records = [r for r in load_split(data, "test") if r.get("task") in ("region_recognition", "point_qa")][:n]
+    records = [r for r in load_split(data, "test") if r.get("task") != "image_caption"][:n]
     model.eval()
-    res = evaluate(TorchAnswerer(model, tok, batch_size=32, autocast=torch.bfloat16), records,
+    bf16 = resolve_precision(str(next(model.parameters()).device), precision) == "bf16"
+    res = evaluate(TorchAnswerer(model, tok, batch_size=32, autocast=torch.bfloat16 if bf16 else None), records,
                    lambda r: load_image(data, r), noise=False)
-    m = res["metrics"]
-    return {"region_recognition": m["region_recognition"], "point_qa": m["point_qa"]}
+    return {k: v for k, v in {**res["metrics"], **res["extra_metrics"]}.items()
+            if v is not None and not k.startswith("noise")}
