@@ -7,7 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
-LLAMA_CPP_VERSION := 0.3.36
+# The pinned llama-cpp-python sdist (version + sha256) lives in cmake/llama-cpp-python.txt: the wheel and `make native`
+# are built from that one verified file (cmake/LlamaSource.cmake fetches it through pip, cached outside the clone).
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==\([^ ]*\).*/\1/p' cmake/llama-cpp-python.txt)
+CACHE_ROOT ?= $(HOME)/.cache/chatspot-edge
+CMAKE ?= cmake
 
 # llama.cpp CPU build for the CPU it runs on: chatspot_edge/cpu.py maps this CPU's instruction sets to ggml's
 # options (GGML_NATIVE=OFF, each option explicit; AMX kernels always off: ggml's AMX matmul segfaults on
@@ -17,12 +21,12 @@ LLAMA_CPU_FLAGS ?= $(shell $(PYTHON) chatspot_edge/cpu.py cmake-flags)
 LLAMA_CMAKE_ARGS := -DGGML_OPENMP=ON -DLLAMA_CURL=OFF $(LLAMA_CPU_FLAGS)
 LLAMA_BUILD_KEY := $(shell echo "$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)" | sha256sum | cut -c1-16)
 # Built wheels are kept outside the clone (keyed by version + flags), so a fresh clone does not recompile.
-WHEEL_CACHE ?= $(HOME)/.cache/chatspot-edge/wheels/llama-cpp-$(LLAMA_BUILD_KEY)
+WHEEL_CACHE ?= $(CACHE_ROOT)/wheels/llama-cpp-$(LLAMA_BUILD_KEY)
 
 STAMP := $(VENV)/.stamps
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup native demo test clean-venv
 
 setup: $(STAMP)/project
 
@@ -38,9 +42,11 @@ $(STAMP)/torch: $(STAMP)/venv
 $(STAMP)/llama-$(LLAMA_BUILD_KEY): $(STAMP)/torch
 	@if ! ls $(WHEEL_CACHE)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (about 5 min on 2 cores): $(LLAMA_CMAKE_ARGS)"; \
+		sdist=$$($(CMAKE) -DCHATSPOT_PYTHON=$(abspath $(PY)) -DCHATSPOT_CACHE_DIR=$(CACHE_ROOT) \
+			-P cmake/LlamaSource.cmake | tail -n1) && \
 		mkdir -p $(WHEEL_CACHE) && \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-			$(PIP) wheel -q --no-cache-dir --no-deps -w $(WHEEL_CACHE).tmp llama-cpp-python==$(LLAMA_CPP_VERSION) && \
+			$(PIP) wheel -q --no-cache-dir --no-deps -w $(WHEEL_CACHE).tmp "$$sdist" && \
 		mv $(WHEEL_CACHE).tmp/*.whl $(WHEEL_CACHE)/ && rmdir $(WHEEL_CACHE).tmp; \
 	fi
 	$(PIP) install -q --force-reinstall --no-deps $(WHEEL_CACHE)/llama_cpp_python-*.whl
@@ -55,6 +61,28 @@ $(STAMP)/weights: $(STAMP)/llama-$(LLAMA_BUILD_KEY)
 $(STAMP)/project: $(STAMP)/weights pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	@touch $@
+
+# llama.cpp's tools (llama-quantize, llama-imatrix, llama-bench) and shared libraries from the top-level
+# CMakeLists.txt: the same sdist and the same -D options as the wheel. Cached like the wheel, outside the clone, keyed
+# by the options and the build files; `native` in the clone links to it (the tools are in native/bin).
+NATIVE_CMAKE_ARGS := -DCMAKE_BUILD_TYPE=Release $(LLAMA_CMAKE_ARGS)
+NATIVE_KEY := $(shell (cat cmake/llama-cpp-python.txt cmake/LlamaSource.cmake CMakeLists.txt; \
+	echo "$(NATIVE_CMAKE_ARGS)") | sha256sum | cut -c1-16)
+NATIVE_DIR ?= $(CACHE_ROOT)/native/llama-tools-$(NATIVE_KEY)
+
+native: $(NATIVE_DIR)/.built
+	@ln -sfn $(NATIVE_DIR) native
+	@echo "llama.cpp tools in native/bin -> $(NATIVE_DIR)/bin"
+
+$(NATIVE_DIR)/.built: | $(STAMP)/venv
+	@mkdir -p $(NATIVE_DIR)
+	@echo "building llama.cpp's tools (about 8 min on 2 idle cores, 15 CPU-minutes): $(NATIVE_CMAKE_ARGS)"
+	@# one build per key at a time (another clone may be building the same one): the second waits, then finds it
+	flock $(NATIVE_DIR).lock bash -c 'test -f $@ || { \
+		$(CMAKE) -S . -B $(NATIVE_DIR) $(NATIVE_CMAKE_ARGS) -DCHATSPOT_PYTHON=$(abspath $(PY)) \
+			-DCHATSPOT_CACHE_DIR=$(CACHE_ROOT) > $(NATIVE_DIR)/configure.log || { cat $(NATIVE_DIR)/configure.log; exit 1; }; \
+		$(CMAKE) --build $(NATIVE_DIR) -j $$(nproc) > $(NATIVE_DIR)/build.log || { tail -50 $(NATIVE_DIR)/build.log; exit 1; }; \
+		touch $@; }'
 
 demo: setup
 	$(VENV)/bin/chatspot-edge pipeline --preset mini --out $(DEMO_DIR)

@@ -76,6 +76,12 @@ def adapt(
                                     "crop of the original image) or resized (16x16 RoI of the square resize)"),
     region_geometry: bool = typer.Option(True, "--region-geometry/--no-region-geometry",
                                          help="box centre / size embedding in each region embedding"),
+    referring: Optional[str] = typer.Option(None, "--referring",
+                                            help="referring format: text (chatspot-text-v1, the default) or loc "
+                                                 "(chatspot-loc-v1: one <loc_k> token per coordinate)"),
+    bins: Optional[int] = typer.Option(None, "--bins", help="loc: bins per axis N (default 32)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: cpu, or cuda when "
+                                                                "CHATSPOT_DEVICE=cuda and a GPU is present)"),
 ) -> None:
     """Referring-instruction tuning (ChatSpot's two stages): projector alignment, then projector + LLM."""
     from chatspot_edge.train.adapt import AdaptOptions, adapt as run_adapt
@@ -87,7 +93,8 @@ def adapt(
                         region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed,
                         region_align=region_align, region_placement=region_placement, warm_start=warm_start,
                         turns=turns, embeddings=embeddings, precision=precision,
-                        design=dict(position_2d=position_2d, region_crop=region_crop, region_geometry=region_geometry))
+                        design=dict(position_2d=position_2d, region_crop=region_crop, region_geometry=region_geometry),
+                        referring=referring, bins=bins, device=device)
     run_adapt(opts)
 
 
@@ -101,11 +108,14 @@ def eval_cmd(
     split: str = typer.Option("test"),
     llm: Optional[str] = typer.Option(None, "--llm", help="bundle: LLM variant (e.g. Q4_K_M; default: the manifest's)"),
     vision: Optional[str] = typer.Option(None, "--vision", help="bundle: vision variant (e.g. int8)"),
+    device: str = typer.Option("auto", "--device", help="checkpoint: cpu, cuda or auto (CUDA when present); "
+                                                        "a bundle always runs on the CPU runtime"),
 ) -> None:
     """ChatSpot evaluation protocol (SPEC section 6) on a checkpoint or a bundle."""
     from chatspot_edge.evaluation import evaluate_path
 
-    result = evaluate_path(model, data, out, split=split, limit=limit, batch_size=batch_size, llm=llm, vision=vision)
+    result = evaluate_path(model, data, out, split=split, limit=limit, batch_size=batch_size, llm=llm, vision=vision,
+                           device=device)
     for k, v in result["metrics"].items():
         typer.echo(f"{k:>20}: {'-' if v is None else f'{v:.4f}'}")
 

@@ -14,16 +14,20 @@ from chatspot_edge.model.processor import Processor
 
 
 class TorchAnswerer:
-    """Greedy answers of a `ChatSpotModel` in PyTorch, batched (left padding)."""
+    """Greedy answers of a `ChatSpotModel` in PyTorch, batched (left padding). Pixels go to the model's device:
+    `device` moves the model there first (None: wherever the model is). `autocast`: e.g. torch.bfloat16."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16, max_new_tokens: int = 40,
-                 autocast: torch.dtype | None = None, device: str = "cpu"):
+                 autocast: torch.dtype | None = None, device: str | torch.device | None = None):
+        if device is not None:
+            model = model.to(device)
+        self.device = next(model.parameters()).device
         self.model = model.eval()
         self.proc = Processor(tokenizer, model.config)
+        self.referring = self.proc.referring  # the format of its grounding answers
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.autocast = autocast
-        self.device = device
         self._pixels: OrderedDict[str, np.ndarray] = OrderedDict()
         cfg = model.config
         self.crop_size = cfg.region_crop_size if cfg.region_token and cfg.region_crop == "original" else None
@@ -49,8 +53,9 @@ class TorchAnswerer:
             chunk = requests[i:i + self.batch_size]
             encs = [self.proc.encode_prompt(r.question) for r in chunk]
             pixels = torch.from_numpy(np.stack([self._image(r) for r in chunk])).to(self.device)
-            ctx = (torch.autocast(self.device, dtype=self.autocast) if self.autocast is not None
-                   else torch.autocast(self.device, enabled=False))
+            kind = self.device.type  # autocast takes "cuda", not "cuda:0"
+            ctx = (torch.autocast(kind, dtype=self.autocast) if self.autocast is not None
+                   else torch.autocast(kind, enabled=False))
             with ctx:
                 ids = self.model.generate([e.ids for e in encs], pixels, [e.boxes for e in encs],
                                           max_new_tokens=self.max_new_tokens, stop_ids=self.proc.stop_ids,

@@ -6,7 +6,8 @@ runtime, so both are measured by the same code. Greedy decoding is the answerer'
 - region recognition: the answer names the referred object's color AND shape ("red triangle" as words);
 - point QA: the answer contains the asked attribute's value as a word;
 - regional OCR: case-insensitive exact text (surrounding quotes, spaces and a final period ignored);
-- grounding: the first `<box>[x1,y1,x2,y2]</box>` of the answer has IoU >= 0.5 with the target box;
+- grounding: the first box region of the answer, in either referring format (`<box>[x1,y1,x2,y2]</box>`, or
+  `<box><loc_x1><loc_y1><loc_x2><loc_y2></box>` decoded with the model's bins), has IoU >= 0.5 with the target;
 - box-noise robustness: region-recognition samples whose region is a box, each coordinate moved by
   U[-s, s] x (box width or height), clipped to the image, at s in {0.1, 0.2, 0.3} (seeded per record);
 - hallucination: fraction of region-recognition answers that name ANOTHER object of the image (its color
@@ -40,6 +41,9 @@ class Request:
 
 
 class Answerer(Protocol):
+    """`answer` gives one answer per request. An answerer whose model speaks chatspot-loc-v1 also has
+    `referring` (a `referring.ReferringFormat`): its bins decode `<loc_k>` in grounding answers."""
+
     def answer(self, requests: Sequence[Request]) -> list[str]: ...
 
 
@@ -61,8 +65,10 @@ def ocr_match(answer: str, text: str) -> bool:
     return a.lower() == text.strip().lower()
 
 
-def grounding_hit(answer: str, target_px: Sequence[float], width: int, height: int) -> bool:
-    regions = [r for r in referring.parse_regions(answer) if r.kind == "box"]
+def grounding_hit(answer: str, target_px: Sequence[float], width: int, height: int, bins: int | None = None) -> bool:
+    """The answer's first box (either format; `bins`: the model's chatspot-loc-v1 bins) has IoU >= 0.5 with
+    the target box (pixels of a `width` x `height` image)."""
+    regions = [r for r in referring.parse_regions(answer, bins) if r.kind == "box"]
     if not regions:
         return False
     pred = regions[0].coords
@@ -91,9 +97,10 @@ def _question(record: dict) -> str:
 
 
 def _replace_region(question: str, new_text: str) -> str:
-    m = re.search(re.escape(referring.BOX_START) + r"\[[^\]]*\]" + re.escape(referring.BOX_END), question)
-    assert m is not None, question
-    return question[: m.start()] + new_text + question[m.end():]
+    spans = referring.region_spans(question)
+    assert spans, question
+    start, end, _ = spans[0]
+    return question[:start] + new_text + question[end:]
 
 
 @dataclass
@@ -125,7 +132,8 @@ def build_items(records: Sequence[dict], load: Callable[[dict], Image.Image], se
     return items
 
 
-def score(items: Sequence[_Item], answers: Sequence[str]) -> dict:
+def score(items: Sequence[_Item], answers: Sequence[str], bins: int | None = None) -> dict:
+    """Metrics of `answers` (one per item). `bins`: the answering model's chatspot-loc-v1 bins, if it speaks it."""
     hits: dict[str, list[bool]] = {}
     halluc: list[bool] = []
 
@@ -152,7 +160,7 @@ def score(items: Sequence[_Item], answers: Sequence[str]) -> dict:
         elif it.kind == "region_ocr":
             add("region_ocr", ocr_match(ans, tgt.get("answer") or objs[tgt["object"]]["text"]))
         elif it.kind == "grounding":
-            add("grounding", grounding_hit(ans, objs[tgt["object"]]["box"], rec["width"], rec["height"]))
+            add("grounding", grounding_hit(ans, objs[tgt["object"]]["box"], rec["width"], rec["height"], bins))
         elif it.kind == "region_relation":
             add("region_relation", contains_word(ans, str(tgt.get("answer", ""))))
         elif it.kind == "counting":
@@ -175,7 +183,8 @@ def evaluate(answerer: Answerer, records: Sequence[dict], load: Callable[[dict],
         answers += answerer.answer([it.request for it in items[i:i + chunk]])
         if progress:
             progress(min(i + chunk, len(items)), len(items))
-    result = {"n": len(records), **score(items, answers)}
+    fmt = getattr(answerer, "referring", None)  # the model's referring format decodes its grounding answers
+    result = {"n": len(records), **score(items, answers, fmt.bins if fmt is not None else None)}
     result["answers"] = answers  # every answer, in item order: parity between two answerers is a list compare
     result["samples"] = [{"id": it.record["id"], "kind": it.kind, "level": it.level, "question": it.request.question,
                           "answer": a, "label": it.record["conversations"][1]["value"]}

@@ -13,7 +13,7 @@ from typing import Any
 
 from chatspot_edge.errors import InputError
 from chatspot_edge.files import atomic_dir, file_sha256
-from chatspot_edge.referring import FORMAT_NAME, REGION_TOKEN
+from chatspot_edge.referring import REGION_TOKEN
 
 from chatspot_edge.export.gguf_writer import LLM_DTYPES, chatml_template, vicuna_template, write_llm_gguf
 from chatspot_edge.export.manifest import FORMAT, MANIFEST, default_n_ctx, tool_versions, write_manifest
@@ -67,7 +67,8 @@ def build_manifest(model, tokenizer, ckpt: Path, llm_info: dict, llm_file: str, 
     vision: dict[str, Any] = {"file": VISION_FILE, "precision": "fp32", **vision_io}
     if coreml_entry is not None:
         vision["coreml"] = {"file": COREML_FILE, **coreml_entry}
-    referring: dict[str, Any] = {"format": FORMAT_NAME, "region_token": bool(cfg.region_token)}
+    fmt = cfg.referring_format
+    referring: dict[str, Any] = {**fmt.to_dict(), "region_token": bool(cfg.region_token)}  # format (+ bins)
     if cfg.region_token:
         referring.update(
             graph=REGION_FILE, inputs=region_io["inputs"], outputs=region_io["outputs"], placeholder=REGION_TOKEN,
@@ -121,6 +122,7 @@ def build_manifest(model, tokenizer, ckpt: Path, llm_info: dict, llm_file: str, 
             "region": int(cfg.region_token_id) if cfg.region_token_id is not None else -1,
             "bos": _id(tokenizer.bos_token_id), "eos": _id(cfg.eos_token_id), "pad": _id(cfg.pad_token_id),
             "stop": [int(i) for i in proc.stop_ids],
+            **({"loc_0": int(cfg.referring["loc_token_id"])} if fmt.is_loc else {}),  # <loc_k> is loc_0 + k
         },
     }
 

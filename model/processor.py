@@ -1,8 +1,10 @@
 """Text side of the model: prompts and conversations to token ids, labels and region boxes.
 
 One place decides how a question becomes ids, for training, evaluation of checkpoints and (through the
-manifest's prompt) the runtime: render the template, put `<region>` after every `</box>` when the model
-has region embeddings, expand `<image>` to N ids, parse each region's normalized box from its text.
+manifest's prompt) the runtime: write every region (of questions AND answers) in the model's referring
+format (datasets stay in chatspot-text-v1; a chatspot-loc-v1 model gets `<loc_k>` tokens), render the
+template, put `<region>` placeholders where the model has region embeddings, expand `<image>` to N ids, and
+parse each region's normalized box from its text as the model reads it (a loc region: its bin centres).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from chatspot_edge.model.config import ChatSpotConfig
 from chatspot_edge.model.prompt import PromptFormat, strip_image_token
 from chatspot_edge.model.chatspot import IGNORE_INDEX
-from chatspot_edge.referring import region_boxes, with_region_tokens
+from chatspot_edge.referring import with_region_tokens
 
 Box = tuple[float, float, float, float]
 
@@ -35,6 +37,7 @@ class Processor:
         self.config = config
         self.prompt = PromptFormat(config.system_prompt, config.prompt_template, (config.assistant_end,), config.turn_template)
         self.n_image = config.num_image_tokens
+        self.referring = config.referring_format
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -45,14 +48,21 @@ class Processor:
             out.extend([t] * self.n_image if t == self.config.image_token_id else [t])
         return out
 
+    def convert(self, text: str) -> str:
+        """`text` with its regions written in the model's referring format."""
+        return self.referring.convert(text)
+
     def question_boxes(self, question: str) -> list[Box]:
-        """Normalized boxes of the question's regions (a point is a zero-size box)."""
-        return region_boxes(question) if self.config.region_token else []
+        """Normalized boxes of the question's regions as the model reads them (a point is a zero-size box)."""
+        return self.referring.boxes(self.convert(question)) if self.config.region_token else []
 
     def render(self, question: str, render) -> str:
-        """`render(question)` with the `<region>` placeholders where the config puts them (if enabled)."""
-        q = strip_image_token(question)
-        return with_region_tokens(q, render, self.config.region_placement) if self.config.region_token else render(q)
+        """`render(question)` with its regions in the model's format and the `<region>` placeholders where the
+        config puts them (if enabled)."""
+        q = self.convert(strip_image_token(question))
+        if not self.config.region_token:
+            return render(q)
+        return with_region_tokens(q, render, self.config.region_placement, self.referring.bins)
 
     def encode_prompt(self, question: str) -> Encoded:
         """Ids of a full prompt for one question (generation starts right after)."""
@@ -79,7 +89,7 @@ class Processor:
             else:
                 prompt_text = self.render(human["value"], lambda q: self.prompt.turn.format(question=q))
             p = self._expand_image(self._ids(prompt_text))
-            a = self._ids(gpt["value"] + end)
+            a = self._ids(self.convert(gpt["value"]) + end)
             ids += p + a
             labels += [IGNORE_INDEX] * len(p) + a
             first = False
@@ -106,7 +116,7 @@ class Processor:
             if human.get("from") != "human" or gpt.get("from") != "gpt":
                 raise ValueError("conversations must alternate human / gpt turns")
             p = self._ids(self.render(human["value"], lambda q: tail.format(question=q)))
-            a = self._ids(gpt["value"] + end)
+            a = self._ids(self.convert(gpt["value"]) + end)
             if max_tokens is not None and k > 1 and len(ids) + len(p) + len(a) > max_tokens:
                 break
             ids += p + a

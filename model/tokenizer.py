@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from chatspot_edge.referring import SPECIAL_TOKENS
+from chatspot_edge.referring import SPECIAL_TOKENS, loc_tokens
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -67,6 +67,26 @@ def add_chatspot_tokens(tokenizer) -> dict[str, int]:
 
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
     return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+def add_loc_tokens(tokenizer, bins: int) -> int:
+    """Add chatspot-loc-v1's `<loc_0>`..`<loc_{bins-1}>` (one id each, consecutive); returns the id of `<loc_0>`.
+
+    They are added tokens but not special ones (`special=False`): text, not control markup, so decoding keeps
+    them (`skip_special_tokens=True` too) and the GGUF writes them as USER_DEFINED tokens, which llama.cpp
+    matches as single tokens in any text (with or without special-token parsing) and renders as their text."""
+    from tokenizers import AddedToken
+
+    tokens = loc_tokens(bins)
+    have = [t for t in tokens if t in tokenizer.get_vocab()]
+    if have:
+        raise ValueError(f"tokenizer already has {have[0]} ({len(have)} of the {bins} loc tokens)")
+    first = len(tokenizer)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in tokens])
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    if ids != list(range(first, first + bins)):
+        raise ValueError(f"loc tokens got ids {ids[:3]}..., expected {first}..{first + bins - 1}")
+    return first
 
 
 def smollm2_tokenizer():

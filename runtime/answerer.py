@@ -14,6 +14,7 @@ class BundleAnswerer:
                  **engine_options):
         self.engine = engine or Engine.load(bundle, **engine_options)
         self.max_new_tokens = max_new_tokens
+        self.referring = self.engine.referring  # the format of its grounding answers
         self._sessions: OrderedDict[str, Session] = OrderedDict()
 
     def _session(self, req) -> Session:

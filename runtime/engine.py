@@ -81,6 +81,7 @@ class Engine:
         self.n_image_tokens = int(manifest["image"]["tokens"])
         self.region_token = bool(manifest["referring"].get("region_token"))
         self.region_placement = manifest["referring"].get("placement", "after_box")
+        self.referring = referring.ReferringFormat.from_dict(manifest["referring"])  # how regions are written
         self.stop = tuple(prompt.stop)
         self._embeds: OrderedDict[str, np.ndarray] = OrderedDict()
         self._image_cache = image_cache
@@ -89,6 +90,9 @@ class Engine:
         head, _ = prompt.split()
         self._head_text = head[: -len(referring.IMAGE_TOKEN)]
         self._head_tokens = llm.tokenize(self._head_text)
+        for tok in self.referring.tokens[:1] + self.referring.tokens[-1:]:
+            if len(llm.tokenize(tok)) != 1:
+                raise BundleError(f"{bundle}: the manifest says {self.referring.name}, but the GGUF has no {tok} token")
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, llm: str | None = None, vision: str | None = None,
@@ -220,7 +224,7 @@ class Session:
 
     # -- public API --------------------------------------------------------------------------------------
     def region_text(self, point=None, box=None, polygon=None, clip: bool = False) -> str | None:
-        """The chatspot-text-v1 text of the one region given (pixels in), or None."""
+        """The text of the one region given (pixels in) in the bundle's referring format, or None."""
         given = [k for k, v in (("point", point), ("box", box), ("polygon", polygon)) if v is not None]
         if len(given) > 1:
             raise InputError(f"give one region, not {' and '.join(given)}")
@@ -229,7 +233,7 @@ class Session:
         kind = given[0]
         values = {"point": point, "box": box, "polygon": polygon}[kind]
         flat = [c for p in values for c in (p if isinstance(p, (list, tuple)) else [p])]
-        return referring.from_pixels(kind, flat, self.width, self.height, clip=clip).text()
+        return referring.from_pixels(kind, flat, self.width, self.height, clip=clip).write(self.engine.referring)
 
     def ask(self, question: str, point=None, box=None, polygon=None, clip: bool = False, max_tokens: int = 128,
             temperature: float = 0.0, seed: int = 0, stream: bool = True) -> Iterator[str] | str:
@@ -244,7 +248,7 @@ class Session:
         return gen if stream else "".join(gen)
 
     def ask_text(self, question: str, max_tokens: int = 64) -> str:
-        """Answer a question whose regions are already written in chatspot-text-v1 (evaluation)."""
+        """Answer a question whose regions are already written as text, in either format (evaluation)."""
         return "".join(self._generate(question, max_tokens, 0.0, 0))
 
     def reset(self) -> None:
@@ -274,13 +278,14 @@ class Session:
     def _segments(self, question: str, clock: _NativeClock) -> tuple[list[list[int] | np.ndarray], list]:
         """Question -> alternating token lists and region-embedding rows (text after the cached prefix)."""
         eng = self.engine
-        q = question.replace(referring.IMAGE_TOKEN, "").strip()
-        boxes = referring.region_boxes(q) if eng.region_token else []
+        q = eng.referring.convert(question.replace(referring.IMAGE_TOKEN, "").strip())  # the bundle's format
+        boxes = eng.referring.boxes(q) if eng.region_token else []
         if self.history and self.turns:
             render = lambda x: eng.prompt.turn.format(question=x)  # noqa: E731 - a later turn of a chat
         else:
             render = eng.prompt.followup
-        text = referring.with_region_tokens(q, render, eng.region_placement) if eng.region_token else render(q)
+        bins = eng.referring.bins
+        text = referring.with_region_tokens(q, render, eng.region_placement, bins) if eng.region_token else render(q)
         parts = text.split(referring.REGION_TOKEN) if eng.region_token else [text]
         segs: list = []
         region_embeds = None

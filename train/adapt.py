@@ -43,6 +43,7 @@ from chatspot_edge.model.chatspot import ChatSpotModel, ChatSpotOutput
 from chatspot_edge.model.checkpoint import save_checkpoint
 from chatspot_edge.model.preprocess import region_crops, resize_pixels
 from chatspot_edge.model.processor import Processor
+from chatspot_edge.referring import SPECIAL_TOKENS
 
 PRESET_DEFAULTS = {  # batch size, stage-2 minutes, stage-1 steps, LLM LR, projector LR
     "tiny": dict(batch_size=4, minutes=1.0, stage1_steps=2, lr_llm=1e-3, lr_proj=2e-3),
@@ -79,6 +80,10 @@ class AdaptOptions:
     init: Path | None = None  # start from an existing checkpoint instead of the preset
     warm_start: Path | None = None  # copy projector, region encoder and added-token rows from this checkpoint
     blocks: str | None = None  # mini: which SmolLM2 blocks to keep, e.g. "0,6,12,18,24,29"
+    referring: str | None = None  # referring format: "text" (chatspot-text-v1) or "loc" (chatspot-loc-v1); None: the
+    bins: int | None = None  # model's own (a preset: text). bins: loc's N per axis (default referring.DEFAULT_BINS)
+    device: str | None = None  # cpu, cuda or auto; None: cpu, or cuda when CHATSPOT_DEVICE=cuda and a GPU is present
+    deadline: float | None = None  # wall-clock time (time.time()) by which stage 2 ends, if sooner than `minutes`
     lr_llm: float | None = None  # override the preset's LLM (transformer blocks) learning rate
     lr_embed: float | None = None  # learning rate of the (tied) token embeddings; default: lr_llm
     embeddings: str = "added"  # which token-embedding rows train in stage 2: "added" (the added tokens' rows
@@ -340,13 +345,19 @@ def _param_groups(model: ChatSpotModel, lr_llm: float, lr_proj: float, lr_embed:
 
 def _build_model(opts: AdaptOptions):
     from chatspot_edge.model.checkpoint import load_checkpoint
+    from chatspot_edge.model.loc_tokens import set_referring
     from chatspot_edge.model.presets import build_preset
+    from chatspot_edge.referring import format_option
 
+    fmt = format_option(opts.referring, opts.bins)
     if opts.init is not None:
-        return load_checkpoint(opts.init)
+        model, tok = load_checkpoint(opts.init)
+        if fmt is not None:  # a text-v1 checkpoint learns the loc format: its loc tokens are added here
+            set_referring(model, tok, fmt)
+        return model, tok
     blocks = tuple(int(b) for b in opts.blocks.split(",")) if opts.blocks else None
     model, tok = build_preset(opts.preset, pretrained=True, vision_pool=opts.vision_pool, seed=opts.seed,
-                              blocks=blocks, design=opts.design)
+                              blocks=blocks, referring=fmt, design=opts.design)
     if not opts.region_token:
         model.config.region_token = False
         model.region = None
@@ -357,9 +368,10 @@ def _build_model(opts: AdaptOptions):
 
 def warm_start_from(model: ChatSpotModel, source: Path) -> dict:
     """Copy the projector, the region encoder and the embedding rows of the added tokens (`<image>`, `<box>`,
-    `</box>`, `<region>`) from another checkpoint with the same vision encoder and hidden size (e.g. a trained
-    mini into smol: both feed SmolLM2's embedding space). The LLM blocks stay the preset's. Returns what was
-    copied and the source's training time (a warm start's cost counts in the total)."""
+    `</box>`, `<region>`, and `<loc_k>` when both speak chatspot-loc-v1 with the same bins) from another
+    checkpoint with the same vision encoder and hidden size (e.g. a trained mini into smol: both feed SmolLM2's
+    embedding space). The LLM blocks stay the preset's. Returns what was copied and the source's training time
+    (a warm start's cost counts in the total)."""
     from chatspot_edge.model.checkpoint import load_checkpoint
 
     src, _ = load_checkpoint(source)
@@ -373,12 +385,23 @@ def warm_start_from(model: ChatSpotModel, source: Path) -> dict:
                 continue
             mine.load_state_dict(theirs.state_dict())
             copied.append(name)
-        first = model.config.image_token_id  # added tokens follow the base vocabulary
         emb, src_emb = model.llm.get_input_embeddings().weight, src.llm.get_input_embeddings().weight
-        emb[first:] = src_emb[first:]
-        copied.append(f"embedding rows {first}-{emb.shape[0] - 1}")
+        rows = _added_rows(model)
+        src_rows = _added_rows(src)
+        if model.config.referring_format != src.config.referring_format:  # <loc_k> rows only for the same bins
+            rows, src_rows = rows[:len(SPECIAL_TOKENS)], src_rows[:len(SPECIAL_TOKENS)]
+        emb[rows] = src_emb[src_rows]
+        copied.append(f"embedding rows of {len(rows)} added tokens")
     seconds = (src.config.provenance.get("adapt") or {}).get("train_seconds")
     return {"checkpoint": str(source), "copied": copied, "source_train_seconds": seconds}
+
+
+def _added_rows(model: ChatSpotModel) -> list[int]:
+    """Embedding rows of ChatSpot's added tokens: `<image>`, `<box>`, `</box>`, `<region>`, then `<loc_k>`."""
+    from chatspot_edge.model.loc_tokens import loc_token_ids
+
+    c = model.config
+    return [c.image_token_id, c.box_start_id, c.box_end_id, c.region_token_id, *loc_token_ids(model)]
 
 
 def adapt(opts: AdaptOptions) -> dict:
@@ -406,6 +429,10 @@ def adapt(opts: AdaptOptions) -> dict:
         if use_cuda:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
+    elif opts.device is not None:
+        from chatspot_edge.devices import resolve_device
+
+        device = resolve_device(opts.device)
     elif torch.cuda.is_available() and os.environ.get("CHATSPOT_DEVICE", "") == "cuda":
         device = "cuda"
     if device == "cpu" and distributed:
@@ -530,21 +557,29 @@ def adapt(opts: AdaptOptions) -> dict:
     t2 = time.perf_counter()
     timing_steps = 5
     tokens_seen, t_last, last_print = 0, time.perf_counter(), 0.0
+    steps_here, t_step1 = 0, t2  # stage-2 steps of this process; the end of its first (warm-up) step
     while total is None or meta["step"] < total:
         warm = max(1, int(opts.warmup * (total or 1000)))
         loss, n_tok = train_step(data2, opt, lr_factor(meta["step"], total or 1000, warm))
         meta["step"] += 1
+        steps_here += 1
+        t_step1 = time.perf_counter() if steps_here == 1 else t_step1
         tokens_seen += n_tok
         meta["losses"].append([2, meta["step"], round(loss, 4)])
-        if total is None and meta["step"] == timing_steps:  # fix the schedule from the measured step time
-            per_step = (time.perf_counter() - t2) / timing_steps
-            est = int(minutes * 60 / per_step)
+        if total is None and meta["step"] >= timing_steps and steps_here > 1:  # fix the schedule from the step time
+            now = time.perf_counter()
+            per_step = (now - t_step1) / (steps_here - 1)  # the first step's warm-up (allocations, kernels) left out
+            left = minutes * 60 - (now - t2)
+            if opts.deadline is not None:  # stage 2 also ends by this wall-clock time
+                left = min(left, opts.deadline - time.time())
+            est = meta["step"] + int(max(0.0, left) / per_step)
             if distributed:
                 t = torch.tensor([est], dtype=torch.long)
                 dist.broadcast(t, 0)
                 est = int(t)
             total = meta["total_steps"] = max(timing_steps + 1, est)
-            _log(opts, rank, f"stage 2: {per_step:.2f} s/step -> {total} steps in {minutes:g} min")
+            _log(opts, rank, f"stage 2: {per_step:.2f} s/step -> {total} steps in "
+                             f"{(now - t2 + max(0.0, left)) / 60:.1f} min")
         now = time.perf_counter()
         if now - last_print > 5 or meta["step"] == total:
             rate = tokens_seen / max(now - t_last, 1e-9)
@@ -570,6 +605,7 @@ def adapt(opts: AdaptOptions) -> dict:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     elapsed = time.perf_counter() - t_start
+    stage2_seconds = time.perf_counter() - t2  # this process's stage 2 (a resumed run: since the resume)
     model.eval()
     if added_rows is not None:
         added_rows.merge()  # every rank: the returned model is an ordinary tied embedding again
@@ -588,7 +624,8 @@ def adapt(opts: AdaptOptions) -> dict:
         _log(opts, rank, f"wrote {opts.out} ({meta['step']} stage-2 steps, {elapsed / 60:.1f} min)")
     if distributed:
         dist.barrier()
-    return {"steps": meta["step"], "seconds": elapsed, "losses": meta["losses"], "evals": meta["evals"], "model": model}
+    return {"steps": meta["step"], "seconds": elapsed, "stage2_seconds": stage2_seconds, "losses": meta["losses"],
+            "evals": meta["evals"], "model": model}
 
 
 def _shard(model: ChatSpotModel) -> torch.nn.Module:
@@ -650,14 +687,14 @@ class _Forward(torch.nn.Module):
 
 def quick_eval(model: ChatSpotModel, tok, data: Path, n: int, precision: str = "auto") -> dict:
     """Every SPEC-6 accuracy (no box noise) + relation and counting on the first `n` test records with a region
-    or counting question (the learning curve)."""
+    or counting question (the learning curve), on the model's own device (`resolve_precision`'s autocast)."""
     from chatspot_edge.data import load_image, load_split
     from chatspot_edge.evaluation.answerers import TorchAnswerer
     from chatspot_edge.evaluation.protocol import evaluate
 
     records = [r for r in load_split(data, "test") if r.get("task") != "image_caption"][:n]
     model.eval()
-    bf16 = resolve_precision(str(next(model.parameters()).device), precision) == "bf16"
+    bf16 = resolve_precision(next(model.parameters()).device.type, precision) == "bf16"
     res = evaluate(TorchAnswerer(model, tok, batch_size=32, autocast=torch.bfloat16 if bf16 else None), records,
                    lambda r: load_image(data, r), noise=False)
     return {k: v for k, v in {**res["metrics"], **res["extra_metrics"]}.items()
