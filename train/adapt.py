@@ -93,6 +93,8 @@ class AdaptOptions:
     turns: int = 0  # > 0: up to this many questions per image per sample, as independent turns on one
     # shared [system + image] prefix (Processor.encode_turns); 0: the conversation as one chat
     design: dict | None = None  # overrides of model.presets.DESIGN (ablations), e.g. {"position_2d": False}
+    loc_init: str = "mean"  # chatspot-loc-v1 rows: "mean" (the mean embedding), "fourier" (smooth in k, fixed
+    # random map) or "position" (the image tokens' own 2D position map, set when stage 2 starts; see loc_rows)
     quiet: bool = False
 
 
@@ -343,6 +345,31 @@ def _param_groups(model: ChatSpotModel, lr_llm: float, lr_proj: float, lr_embed:
     return groups
 
 
+LOC_INITS = ("mean", "fourier", "position")
+LOC_ROW_SCALE = 0.1  # RMS of a SmolLM2 embedding row around the mean row (0.0995): loc rows vary as much
+
+
+@torch.no_grad()
+def init_loc_rows(model: ChatSpotModel, how: str, added_rows=None) -> None:
+    """Set the `<loc_k>` rows (`model.position.loc_rows`) through the loc format's hook: "fourier" (a fixed
+    random map) or "position" (the model's 2D position map, so a loc row and the image cells at that
+    coordinate start out alike). With `added_rows` active (train.added_rows), its trainable block is set."""
+    from chatspot_edge.model.loc_tokens import init_loc_embeddings, loc_token_ids
+    from chatspot_edge.model.position import loc_rows
+
+    ids = loc_token_ids(model)
+    if added_rows is not None and added_rows.active:
+        table = added_rows.table
+        mean = table.base.float().mean(0)
+        rows = loc_rows(len(ids), mean, LOC_ROW_SCALE, model.position if how == "position" else None)
+        table.added[ids.start - table.first: ids.stop - table.first] = rows.to(table.added.dtype)
+        return
+    emb = model.llm.get_input_embeddings().weight
+    mean = emb[: model.config.image_token_id].float().mean(0)
+    init_loc_embeddings(model, lambda k, n: loc_rows(n, mean, LOC_ROW_SCALE,
+                                                     model.position if how == "position" else None))
+
+
 def _build_model(opts: AdaptOptions):
     from chatspot_edge.model.checkpoint import load_checkpoint
     from chatspot_edge.model.loc_tokens import set_referring
@@ -450,6 +477,14 @@ def adapt(opts: AdaptOptions) -> dict:
     warm_start = warm_start_from(model, opts.warm_start) if opts.warm_start is not None else None
     if warm_start:
         _log(opts, rank, f"warm start from {opts.warm_start}: {', '.join(warm_start['copied'])}")
+    if opts.loc_init not in LOC_INITS:
+        raise InputError(f"--loc-init must be one of {', '.join(LOC_INITS)}, got {opts.loc_init!r}")
+    # <loc_k> rows: set here ("fourier") or from the aligned position map when stage 2 starts ("position");
+    # rows copied by a warm start (same bins) are kept
+    loc_init = opts.loc_init if model.config.referring_format.is_loc and not (
+        warm_start and any("loc" in c for c in warm_start["copied"])) and opts.init is None else "mean"
+    if loc_init == "fourier":
+        init_loc_rows(model, "fourier")
     if opts.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -549,6 +584,8 @@ def adapt(opts: AdaptOptions) -> dict:
 
     # ---- stage 2: projector + LLM on every task ------------------------------------------------------------
     if not resumed:
+        if loc_init == "position" and meta["step"] == 0:
+            init_loc_rows(model, "position", added_rows)
         _set_trainable(model, 2, opts.lora)
         opt = torch.optim.AdamW(_param_groups(model, d["lr_llm"], d["lr_proj"], opts.lr_embed), betas=(0.9, 0.95))
     model.train(); model.vision.eval()
