@@ -29,7 +29,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,7 @@ class AdaptOptions:
     vision_pool: int = 2
     region_token: bool = True
     warmup: float = 0.05  # fraction of stage-2 steps
-    max_tokens: int = 320  # longer samples are truncated (answers are short)
+    max_tokens: int | None = None  # longer samples are truncated / lose whole turns (None: the preset's, or 320)
     per_sample_loss: bool = True  # average the loss within each sample first (tasks weigh alike)
     region_align: float = 1.0  # weight of the region-text alignment loss (model.region_alignment_loss)
     region_placement: str | None = None  # override the preset's: "after_box" or "before_answer"
@@ -90,10 +90,10 @@ class AdaptOptions:
     # only, see train.added_rows) or "all" (the whole 49k-row tied table)
     precision: str = "auto"  # autocast: "bf16", "fp32", or "auto" (bf16 on a GPU or a CPU with bf16 matrix
     # instructions, fp32 elsewhere: on AVX2-only CPUs bf16 is emulated and slower)
-    turns: int = 0  # > 0: up to this many questions per image per sample, as independent turns on one
-    # shared [system + image] prefix (Processor.encode_turns); 0: the conversation as one chat
+    turns: int | None = None  # > 0: up to this many questions per image per sample, as independent turns on one
+    # shared [system + image] prefix (Processor.encode_turns); 0: the conversation as one chat; None: the preset's
     design: dict | None = None  # overrides of model.presets.DESIGN (ablations), e.g. {"position_2d": False}
-    loc_init: str = "mean"  # chatspot-loc-v1 rows: "mean" (the mean embedding), "fourier" (smooth in k, fixed
+    loc_init: str | None = None  # chatspot-loc-v1 rows (None: the preset's): "mean" (the mean embedding), "fourier" (smooth in k, fixed
     # random map) or "position" (the image tokens' own 2D position map, set when stage 2 starts; see loc_rows)
     quiet: bool = False
 
@@ -445,6 +445,16 @@ def adapt(opts: AdaptOptions) -> dict:
     if opts.warm_start is not None and opts.stage1_steps is None:
         stage1_steps = d.get("stage1_steps_warm", stage1_steps)
     minutes = opts.minutes if opts.minutes is not None else d["minutes"]
+    # a preset that fixes its stage-2 steps (deterministic in samples) keeps its minutes as a cap: a slower
+    # machine trains fewer steps (the schedule is fixed after the first timed steps) rather than overrunning
+    steps = opts.steps if opts.steps is not None else (d.get("steps") if opts.minutes is None else None)
+    cap_minutes = minutes if (opts.steps is None and steps is not None) else None
+    turns = opts.turns if opts.turns is not None else d.get("turns", 0)
+    max_tokens = opts.max_tokens if opts.max_tokens is not None else (d.get("max_tokens") or 320)
+    if opts.referring is None and opts.bins is None and opts.init is None and d.get("referring"):
+        opts = replace(opts, referring=d["referring"], bins=d.get("bins"))
+    if opts.loc_init is None:
+        opts = replace(opts, loc_init=d.get("loc_init", "mean"))
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -509,13 +519,12 @@ def adapt(opts: AdaptOptions) -> dict:
             raise InputError("--fsdp with --lora is not supported: LoRA adapters are small enough for DDP")
         sharded = _shard(model)
     proc = Processor(tok, model.config)
-    data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, opts.max_tokens, opts.turns)
-    data1 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed + 1, opts.max_tokens,
-                    opts.turns)
+    data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, max_tokens, turns)
+    data1 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed + 1, max_tokens, turns)
     data1._pixels = data2._pixels  # one image cache
 
     state_dir = opts.out.with_name(opts.out.name + ".train-state")
-    meta = {"stage": 1, "step": 0, "total_steps": opts.steps, "pos1": 0, "pos2": 0, "elapsed": 0.0,
+    meta = {"stage": 1, "step": 0, "total_steps": steps, "pos1": 0, "pos2": 0, "elapsed": 0.0,
             "losses": [], "evals": [], "options": {k: str(v) for k, v in asdict(opts).items()}}
     resumed = False
     if opts.resume and (state_dir / "state.json").is_file():
@@ -603,6 +612,23 @@ def adapt(opts: AdaptOptions) -> dict:
         t_step1 = time.perf_counter() if steps_here == 1 else t_step1
         tokens_seen += n_tok
         meta["losses"].append([2, meta["step"], round(loss, 4)])
+        capped = cap_minutes is not None and not meta.get("capped") and meta["step"] >= timing_steps and steps_here > 1
+        if capped:  # fixed steps under a minutes cap: keep them if they fit, else as many as fit
+            now = time.perf_counter()
+            per_step = (now - t_step1) / (steps_here - 1)
+            left = cap_minutes * 60 - (now - t2)
+            if opts.deadline is not None:
+                left = min(left, opts.deadline - time.time())
+            est = meta["step"] + int(max(0.0, left) / per_step)
+            if distributed:
+                t = torch.tensor([est], dtype=torch.long)
+                dist.broadcast(t, 0)
+                est = int(t)
+            meta["capped"] = True
+            if est < total:
+                _log(opts, rank, f"stage 2: {per_step:.2f} s/step: {total} steps do not fit {cap_minutes:g} min; "
+                                 f"training {max(timing_steps + 1, est)}")
+                total = meta["total_steps"] = max(timing_steps + 1, est)
         if total is None and meta["step"] >= timing_steps and steps_here > 1:  # fix the schedule from the step time
             now = time.perf_counter()
             per_step = (now - t_step1) / (steps_here - 1)  # the first step's warm-up (allocations, kernels) left out
