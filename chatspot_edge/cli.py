@@ -66,6 +66,17 @@ def adapt(
     warm_start: Optional[Path] = typer.Option(None, "--warm-start",
                                               help="copy projector, region encoder and added-token embeddings "
                                                    "from this checkpoint (same vision encoder and hidden size)"),
+    turns: Optional[int] = typer.Option(None, "--turns", help="questions per image per sample, as independent "
+                                        "turns on one shared image prefix (0: the conversation as one chat)"),
+    embeddings: str = typer.Option("added", "--embeddings", help="token-embedding rows that train in stage 2: "
+                                   "added (the added tokens only) or all"),
+    precision: str = typer.Option("auto", "--precision", help="bf16, fp32 or auto (bf16 where the hardware "
+                                  "multiplies bf16 natively)"),
+    position_2d: bool = typer.Option(True, "--position-2d/--no-position-2d", help="2D cell position in the image tokens"),
+    region_crop: str = typer.Option("original", "--region-crop", help="region appearance: original (aspect-kept "
+                                    "crop of the original image) or resized (16x16 RoI of the square resize)"),
+    region_geometry: bool = typer.Option(True, "--region-geometry/--no-region-geometry",
+                                         help="box centre / size embedding in each region embedding"),
     referring: Optional[str] = typer.Option(None, "--referring",
                                             help="referring format: text (chatspot-text-v1, the default) or loc "
                                                  "(chatspot-loc-v1: one <loc_k> token per coordinate)"),
@@ -83,6 +94,8 @@ def adapt(
                         save_every=save_every, resume=resume, lora=lora, fsdp=fsdp, seed=seed, vision_pool=vision_pool,
                         region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed,
                         region_align=region_align, region_placement=region_placement, warm_start=warm_start,
+                        turns=turns, embeddings=embeddings, precision=precision,
+                        design=dict(position_2d=position_2d, region_crop=region_crop, region_geometry=region_geometry),
                         referring=referring, bins=bins, device=device)
     run_adapt(opts)
 

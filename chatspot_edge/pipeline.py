@@ -1,7 +1,7 @@
 """The whole pipeline end to end (what `make demo` runs):
 
 data -> adapt -> eval (checkpoint) -> export -> ask through the runtime -> eval (bundle, parity) ->
-quantize + quality report -> benchmark table.
+quantize + quality report -> eval (the Q4_K_M + int8 bundle, against issue 17's figures) -> benchmark table.
 
 Each step writes its output atomically and is skipped when that output already exists, so an interrupted
 `make demo` picks up where it stopped (training itself resumes from its last saved state).
@@ -79,6 +79,7 @@ def run_pipeline(preset: str = "mini", out: Path = Path("runs/demo"), minutes: f
     parity = sum(x == y for x, y in zip(a, b)) / max(1, min(len(a), len(b)))
 
     report = None
+    quant_result = None
     if quantize:
         _step("7. quantize (Q8_0, Q4_K_M, Q4_0 + fp16 / int8 vision) and the quality report")
         from chatspot_edge.quantize import quality_report, quantize_bundle
@@ -88,6 +89,12 @@ def run_pipeline(preset: str = "mini", out: Path = Path("runs/demo"), minutes: f
             timed("quantize", lambda: quantize_bundle(bundle, llm="q8_0,q4_k_m,q4_0", vision="fp16,int8", data=data))
             timed("quant_report", lambda: quality_report(bundle, report_dir, data=data, checkpoint=ckpt, limit=100))
         report = report_dir / "report.md"
+
+        _step("7b. evaluate the Q4_K_M LLM + int8 vision bundle through the runtime (what ships)")
+        quant_eval = out / f"{preset}-bundle-q4km-int8-eval.json"
+        if not quant_eval.is_file():
+            timed("eval_q4km_int8", lambda: evaluate_path(bundle, data, quant_eval, llm="Q4_K_M", vision="int8"))
+        quant_result = json.loads(quant_eval.read_text())
 
     bench_table = None
     if bench:
@@ -99,7 +106,7 @@ def run_pipeline(preset: str = "mini", out: Path = Path("runs/demo"), minutes: f
             timed("bench", lambda: run_bench(bundle, bench_json, repeats=3))  # the runtime's own thread choice
         bench_table = format_table(json.loads(bench_json.read_text()))
 
-    _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bundle, report, bench_table)
+    _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bundle, report, bench_table, quant_result)
     return {"checkpoint_eval": ckpt_result["metrics"], "bundle_eval": bundle_result["metrics"], "parity": parity,
             "timings": timings}
 
@@ -133,7 +140,15 @@ def _ask_demo(bundle: Path, data: Path, records: list[dict]) -> list[tuple]:
     return rows
 
 
-def _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bundle, report, bench_table) -> None:
+# issue 17's figures for make demo's mini (SpotWorld test set, through the runtime, Q4_K_M + int8 bundle):
+# metric -> (">=" or "<=", value)
+DEMO_TARGETS = {"region_recognition": (">=", 0.80), "point_qa": (">=", 0.85), "region_ocr": (">=", 0.60),
+                "grounding": (">=", 0.50), "region_relation": (">=", 0.75), "counting": (">=", 0.70),
+                "hallucination": ("<=", 0.02)}
+
+
+def _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bundle, report, bench_table,
+                   quant_result=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -148,12 +163,22 @@ def _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bu
     m.add_column("metric")
     m.add_column("checkpoint", justify="right")
     m.add_column("bundle F16", justify="right")
+    if quant_result is not None:
+        m.add_column("bundle Q4_K_M + int8", justify="right")
+        m.add_column("target (mini, issue 17)", justify="right")
     keys = list(ckpt_result["metrics"]) + list(ckpt_result.get("extra_metrics", {}))
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    every = lambda r: {**r["metrics"], **r.get("extra_metrics", {})}  # noqa: E731
     for k in keys:
-        v = {**ckpt_result["metrics"], **ckpt_result.get("extra_metrics", {})}.get(k)
-        w = {**bundle_result["metrics"], **bundle_result.get("extra_metrics", {})}.get(k)
-        m.add_row(k, "-" if v is None else f"{100 * v:.1f}%", "-" if w is None else f"{100 * w:.1f}%")
-    m.add_row("greedy answers equal", "", f"{100 * parity:.1f}%")
+        row = [k, pct(every(ckpt_result).get(k)), pct(every(bundle_result).get(k))]
+        if quant_result is not None:
+            q = every(quant_result).get(k)
+            target = DEMO_TARGETS.get(k)
+            met = "" if target is None or q is None else (
+                " met" if (q >= target[1] if target[0] == ">=" else q <= target[1]) else " MISSED")
+            row += [pct(q), "" if target is None else f"{target[0]} {100 * target[1]:.0f}%{met}"]
+        m.add_row(*row)
+    m.add_row("greedy answers equal", "", f"{100 * parity:.1f}%", *([""] * (2 if quant_result is not None else 0)))
     console.print(m)
     s = Table(title="time per stage")
     s.add_column("stage")

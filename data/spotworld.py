@@ -12,6 +12,13 @@ which is always written by `chatspot_edge.referring`.
 Determinism. A sample depends only on (seed, split, index, GENERATOR_VERSION): it draws from its own
 `numpy.random.Generator` seeded by (seed, split, index), and its task comes from a fixed, seed-independent
 schedule, so the output is byte-identical whatever the worker count or the dataset size.
+
+Extra turns (version 2). A training image also carries `EXTRA_TURNS["train"]` more questions about the same
+scene (tasks drawn from `EXTRA_MIX`, from a second generator seeded by (seed, split, index, 1), so the
+first turn, the image and the test split are exactly what version 1 wrote). They are LLaVA-style later
+turns of `conversations`, each a question that stands on its own (no "it", no reference to an earlier
+answer), listed with their tasks and targets in `turns`. A training step reads the image once and learns
+from every question on it; see `train.adapt` for how the turns are kept independent of each other.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 from chatspot_edge import referring
 from chatspot_edge.errors import InputError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 FORMAT = "spotworld"
 
 # --- vocabulary ----------------------------------------------------------------------------------------
@@ -65,6 +72,15 @@ TEST_MIX: dict[str, int] = {
     "grounding": 15, "image_caption": 5, "counting": 5,
 }
 SPLITS: dict[str, int] = {"train": 0, "test": 1}
+# Questions per image besides the scheduled one (version 2). The test split keeps one question per image, so
+# its records are those of version 1.
+EXTRA_TURNS: dict[str, int] = {"train": 7, "test": 0}
+# Task shares of the extra turns, percent. The region tasks whose answers need the region embedding most
+# (relation, counting, OCR, grounding) get more than in TRAIN_MIX; captions (long answers) none.
+EXTRA_MIX: dict[str, int] = {
+    "region_recognition": 25, "point_qa": 15, "region_ocr": 15, "region_relation": 15,
+    "grounding": 15, "image_caption": 0, "counting": 15,
+}
 
 # Words for the OCR task: 3-8 letters, no colour or shape names (they would blur the other tasks).
 WORDS: tuple[str, ...] = (
@@ -288,13 +304,22 @@ class _Scene:
     canvas: np.ndarray
     masks: list[np.ndarray]
     full_area: list[int]
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)  # boxes and areas, computed once
 
     @property
     def objects(self) -> tuple:
         return self.spec.objects
 
     def box(self, i: int) -> list[int]:
-        return mask_box(self.masks[i])
+        if ("box", i) not in self._memo:
+            self._memo[("box", i)] = mask_box(self.masks[i])
+        return list(self._memo[("box", i)])
+
+    def visible(self, i: int) -> int:
+        """Visible pixels of object i."""
+        if ("area", i) not in self._memo:
+            self._memo[("area", i)] = int(self.masks[i].sum())
+        return self._memo[("area", i)]
 
     def shape_ids(self) -> list[int]:
         return [i for i, o in enumerate(self.objects) if o.shape != TEXT_SHAPE]
@@ -661,7 +686,7 @@ def _position(a: Sequence[int], b: Sequence[int]) -> str | None:
 def _size_relation(sc: _Scene, i: int, j: int) -> str | None:
     """'larger' / 'smaller' when object i is clearly (1.8x full area, 1.5x visible area) bigger or smaller."""
     fi, fj = sc.full_area[i], sc.full_area[j]
-    vi, vj = int(sc.masks[i].sum()), int(sc.masks[j].sum())
+    vi, vj = sc.visible(i), sc.visible(j)
     if fi >= 1.8 * fj and vi >= 1.5 * vj:
         return "larger"
     if fj >= 1.8 * fi and vj >= 1.5 * vi:
@@ -871,7 +896,35 @@ def make_sample(seed: int, split: str, index: int, task: str | None = None) -> S
     if qa.regions:
         record["region"] = qa.regions[0]
         record["regions"] = qa.regions
+    turns = _extra_turns(np.random.default_rng([seed, _split_id(split), index, 1]), scene,
+                         EXTRA_TURNS[split] if split in EXTRA_TURNS else 0)
+    if turns:
+        for t, qa_t in turns:
+            record["conversations"] += [{"from": "human", "value": qa_t.question}, {"from": "gpt", "value": qa_t.answer}]
+        record["turns"] = [{"task": t, "target": qa_t.target, **({"regions": qa_t.regions} if qa_t.regions else {})}
+                           for t, qa_t in turns]
     return Sample(record, scene.spec, Image.fromarray(scene.canvas), scene.masks)
+
+
+def _extra_turns(rng: np.random.Generator, scene: _Scene, n: int) -> list[tuple[str, _QA]]:
+    """`n` more questions about `scene`, tasks drawn from EXTRA_MIX (a task the scene cannot serve, e.g. OCR
+    without a word, is redrawn). Questions repeat neither a question already asked nor an exact answer
+    to the same question."""
+    tasks = [t for t, w in EXTRA_MIX.items() if w > 0]
+    p = np.array([EXTRA_MIX[t] for t in tasks], dtype=np.float64)
+    p /= p.sum()
+    out: list[tuple[str, _QA]] = []
+    seen: set[str] = set()
+    for _ in range(20 * n):
+        if len(out) == n:
+            break
+        task = tasks[int(rng.choice(len(tasks), p=p))]
+        qa = _TASK_FUNCS[task](rng, scene)
+        if qa is None or qa.question in seen:
+            continue
+        seen.add(qa.question)
+        out.append((task, qa))
+    return out
 
 
 # --- dataset generation ---------------------------------------------------------------------------------
@@ -889,6 +942,8 @@ def build_meta(seed: int, n_train: int, n_test: int) -> dict:
         "sizes": list(SIZES),
         "tasks": list(TASKS),
         "task_mix": {"train": TRAIN_MIX, "test": TEST_MIX},
+        "extra_turns": EXTRA_TURNS,
+        "extra_mix": EXTRA_MIX,
         "task_counts": {
             split: {t: c for t in TASKS if (c := task_schedule(split, n).count(t))}
             for split, n in (("train", n_train), ("test", n_test))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from chatspot_edge.evaluation.protocol import Request
-from chatspot_edge.model.preprocess import resize_pixels
+from chatspot_edge.model.preprocess import region_crops, resize_pixels
 from chatspot_edge.model.processor import Processor
 
 
@@ -29,6 +29,8 @@ class TorchAnswerer:
         self.max_new_tokens = max_new_tokens
         self.autocast = autocast
         self._pixels: OrderedDict[str, np.ndarray] = OrderedDict()
+        cfg = model.config
+        self.crop_size = cfg.region_crop_size if cfg.region_token and cfg.region_crop == "original" else None
 
     def _image(self, req: Request) -> np.ndarray:
         if req.image_key not in self._pixels:
@@ -36,6 +38,14 @@ class TorchAnswerer:
             while len(self._pixels) > 256:
                 self._pixels.popitem(last=False)
         return self._pixels[req.image_key]
+
+    def _crops(self, reqs: Sequence[Request], encs) -> torch.Tensor | None:
+        """Region crops of every request's boxes, in order (models that read the original image)."""
+        if self.crop_size is None:
+            return None
+        parts = [region_crops(r.image(), e.boxes, self.crop_size) for r, e in zip(reqs, encs) if e.boxes]
+        h, w = self.crop_size
+        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, h, w, 4), np.uint8)).to(self.device)
 
     def answer(self, requests: Sequence[Request]) -> list[str]:
         out: list[str] = []
@@ -48,6 +58,7 @@ class TorchAnswerer:
                    else torch.autocast(kind, enabled=False))
             with ctx:
                 ids = self.model.generate([e.ids for e in encs], pixels, [e.boxes for e in encs],
-                                          max_new_tokens=self.max_new_tokens, stop_ids=self.proc.stop_ids)
+                                          max_new_tokens=self.max_new_tokens, stop_ids=self.proc.stop_ids,
+                                          crops=self._crops(chunk, encs))
             out += [self.proc.decode(x).strip() for x in ids]
         return out

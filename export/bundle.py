@@ -78,6 +78,19 @@ def build_manifest(model, tokenizer, ckpt: Path, llm_info: dict, llm_file: str, 
                    "image_embeds, the regions' normalized boxes and the image, and feed row r as the embedding of "
                    "the r-th `<region>`"),
         )
+        if cfg.region_crop == "original":
+            from chatspot_edge.model import preprocess as pp
+
+            ch, cw = cfg.region_crop_size
+            referring["crop"] = {
+                "source": "original image", "height": ch, "width": cw, "channels": "R, G, B, validity",
+                "function": "chatspot_edge.model.preprocess.region_crops",
+                "rule": (f"each region's normalized box read from the ORIGINAL image (its longer side first "
+                         f"capped at {pp.REGION_SOURCE_MAX} px), scaled by one factor (aspect kept, antialiased "
+                         f"bilinear) to fill {ch} px of height or {cw} px of width, whichever binds first, "
+                         f"centred on the {ch} x {cw} canvas; validity 255 inside, 0 in padding (RGB 0); a point is "
+                         f"a square of {pp.POINT_SIDE:.4f} x the shorter image side around it"),
+            }
     extra_tools = ("coremltools",) if coreml_entry is not None else ()
     return {
         "format": FORMAT,

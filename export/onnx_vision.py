@@ -2,8 +2,10 @@
 
 vision.onnx: ONE input `image` uint8 `[1, H, W, 3]` (RGB, already resized), ONE output `image_embeds`
 float32 `[1, N, d]`; normalization and projector inside. region.onnx: inputs `image_embeds` float32
-`[1, N, d]` and `boxes` float32 `[R, 4]` (normalized x1, y1, x2, y2; R dynamic), output `region_embeds`
-float32 `[R, d]`. Weights are stored inside the .onnx file unless the graph exceeds protobuf's 2 GB limit,
+`[1, N, d]`, `boxes` float32 `[R, 4]` (normalized x1, y1, x2, y2; R dynamic) and the appearance source:
+`crops` uint8 `[R, h, w, 4]` (models that read the original image: `model.preprocess.region_crops`, computed
+outside the graph by the same function in training and in the runtime) or `image` uint8 `[1, H, W, 3]` (the
+resized image; the first design); output `region_embeds` float32 `[R, d]`. Weights are stored inside the .onnx file unless the graph exceeds protobuf's 2 GB limit,
 in which case they go to `<name>.data` next to it.
 """
 
@@ -35,8 +37,8 @@ class _Region(nn.Module):
         super().__init__()
         self.region = region
 
-    def forward(self, image_embeds: torch.Tensor, boxes: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return self.region(image_embeds, boxes, image)
+    def forward(self, image_embeds: torch.Tensor, boxes: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return self.region(image_embeds, boxes, source)
 
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
@@ -85,16 +87,27 @@ def export_region_onnx(model, path: str | Path, opset: int = OPSET) -> dict[str,
     h, w = model.config.vision.image_size
     emb = torch.randn(1, n, d)
     boxes = torch.tensor([[0.1, 0.2, 0.45, 0.61], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float32)
-    image = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8)
-    _export(_Region(model.region), (emb, boxes, image), path, ["image_embeds", "boxes", "image"], ["region_embeds"],
-            {"boxes": {0: "R"}, "region_embeds": {0: "R"}}, max(opset, 16))  # GridSample needs opset 16
+    inputs = {
+        "image_embeds": {"dtype": "float32", "shape": [1, n, d], "from": "vision image_embeds"},
+        "boxes": {"dtype": "float32", "shape": ["R", 4],
+                  "meaning": "normalized x1,y1,x2,y2 of each region in <region> order (a point: x1=x2, y1=y2)"},
+    }
+    if model.region.crop == "original":
+        ch, cw = model.config.region_crop_size
+        source = torch.randint(0, 256, (2, ch, cw, 4), dtype=torch.uint8)
+        names, axes = ["image_embeds", "boxes", "crops"], {"boxes": {0: "R"}, "crops": {0: "R"}, "region_embeds": {0: "R"}}
+        inputs["crops"] = {"dtype": "uint8", "shape": ["R", ch, cw, 4],
+                           "from": "chatspot_edge.model.preprocess.region_crops(original image, boxes, (h, w)): each "
+                                   "region cut out of the ORIGINAL image, aspect kept, centred on the h x w canvas; "
+                                   "channels R, G, B, validity (255 inside the crop, 0 in padding)"}
+    else:
+        source = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8)
+        names, axes = ["image_embeds", "boxes", "image"], {"boxes": {0: "R"}, "region_embeds": {0: "R"}}
+        inputs["image"] = {"dtype": "uint8", "shape": [1, h, w, 3], "from": "the vision graph's input image"}
+    # GridSample (the resized-image crop) needs opset 16
+    _export(_Region(model.region), (emb, boxes, source), path, names, ["region_embeds"], axes, max(opset, 16))
     return {
-        "inputs": {
-            "image_embeds": {"dtype": "float32", "shape": [1, n, d], "from": "vision image_embeds"},
-            "boxes": {"dtype": "float32", "shape": ["R", 4],
-                      "meaning": "normalized x1,y1,x2,y2 of each region in <region> order (a point: x1=x2, y1=y2)"},
-            "image": {"dtype": "uint8", "shape": [1, h, w, 3], "from": "the vision graph's input image"},
-        },
+        "inputs": inputs,
         "outputs": {"region_embeds": {"dtype": "float32", "shape": ["R", d],
                                       "meaning": "row r replaces the r-th <region> id of the prompt"}},
         "opset": opset,

@@ -29,6 +29,7 @@ def run(preset: str, work: Path, threads: int = 2, max_new_tokens: int = 8) -> d
     from chatspot_edge.export.llama_check import LlamaCheck, split_segments
     from chatspot_edge.export.onnx_vision import onnx_session
     from chatspot_edge.model.checkpoint import save_checkpoint
+    from chatspot_edge.model.preprocess import region_crops
     from chatspot_edge.model.presets import build_preset
     from chatspot_edge.model.processor import Processor
 
@@ -56,6 +57,16 @@ def run(preset: str, work: Path, threads: int = 2, max_new_tokens: int = 8) -> d
     images = [rng.integers(0, 256, (1, h, w, 3), dtype=np.uint8) for _ in range(3)]
 
     vision = onnx_session(b / "vision.onnx", threads)
+    reads_crops = cfg.region_token and cfg.region_crop == "original"
+
+    def region_feed(ref, boxes, img) -> tuple[dict, torch.Tensor]:
+        """(the region graph's feed, the torch region encoder's appearance source) for one image: the crops
+        of `boxes` (the random image stands in for the original) or the resized image itself."""
+        if reads_crops:
+            crops = region_crops(img[0], boxes, cfg.region_crop_size)
+            return {"image_embeds": ref, "boxes": boxes, "crops": crops}, torch.from_numpy(crops)
+        return {"image_embeds": ref, "boxes": boxes, "image": img}, torch.from_numpy(img)
+
     region = onnx_session(b / "region.onnx", threads) if cfg.region_token else None
     errs, rerrs, t_onnx, t_torch = [], [], [], []
     for img in images:
@@ -69,9 +80,10 @@ def run(preset: str, work: Path, threads: int = 2, max_new_tokens: int = 8) -> d
         errs.append(_rel(emb, ref))
         if region is not None:
             boxes = np.array([[0.1, 0.2, 0.45, 0.61], [0.4, 0.5, 0.4, 0.5], [0, 0, 1, 1]], np.float32)
-            got = region.run(["region_embeds"], {"image_embeds": ref, "boxes": boxes, "image": img})[0]
+            feed, source = region_feed(ref, boxes, img)
+            got = region.run(["region_embeds"], feed)[0]
             with torch.no_grad():
-                rref = model.region(torch.from_numpy(ref), torch.from_numpy(boxes), torch.from_numpy(img)).numpy()
+                rref = model.region(torch.from_numpy(ref), torch.from_numpy(boxes), source).numpy()
             rerrs.append(_rel(got, rref))
     report["onnx_vision_max_rel_err"] = max(errs)
     report["onnx_region_max_rel_err"] = max(rerrs) if rerrs else None
@@ -84,12 +96,15 @@ def run(preset: str, work: Path, threads: int = 2, max_new_tokens: int = 8) -> d
     img = images[0]
     boxes_t = torch.tensor(enc.boxes, dtype=torch.float32)
     bb = torch.zeros(len(enc.boxes), dtype=torch.long)
+    crops = torch.from_numpy(region_crops(img[0], enc.boxes, cfg.region_crop_size)) if reads_crops else None
     with torch.no_grad():
         ref_text = model.llm(torch.tensor([text_ids])).logits[0].numpy()
         img_emb = model.encode_image(torch.from_numpy(img))
-        reg = model.encode_regions(img_emb, boxes_t, bb).numpy() if cfg.region_token else None
-        ref_mm = model(torch.tensor([enc.ids]), pixels=torch.from_numpy(img), boxes=boxes_t, box_batch=bb).logits[0].numpy()
-        ref_gen = model.generate([enc.ids], torch.from_numpy(img), [enc.boxes], max_new_tokens=max_new_tokens)[0]
+        reg = model.encode_regions(img_emb, boxes_t, bb, torch.from_numpy(img), crops).numpy() if cfg.region_token else None
+        ref_mm = model(torch.tensor([enc.ids]), pixels=torch.from_numpy(img), boxes=boxes_t, box_batch=bb,
+                       crops=crops).logits[0].numpy()
+        ref_gen = model.generate([enc.ids], torch.from_numpy(img), [enc.boxes], max_new_tokens=max_new_tokens,
+                                 crops=crops)[0]
     replace = {cfg.image_token_id: img_emb[0].numpy()}
     if reg is not None:
         replace[cfg.region_token_id] = reg

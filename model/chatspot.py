@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from chatspot_edge.model.config import ChatSpotConfig
+from chatspot_edge.model.position import GridPosition
 from chatspot_edge.model.region import RegionEncoder
 from chatspot_edge.model.vision import VisionEncoder
 
@@ -52,21 +53,37 @@ class ChatSpotModel(nn.Module):
         self.config = config
         self.vision = VisionEncoder(config.vision, pretrained=pretrained_vision)
         self.projector = Projector(config.vision.channels, config.hidden_size, config.projector, config.projector_bias)
+        self.position = GridPosition(config.hidden_size, config.vision.grid) if config.position_2d else None
         self.region = (
-            RegionEncoder(config.hidden_size, config.vision.grid, config.region_min_size) if config.region_token else None
+            RegionEncoder(config.hidden_size, config.vision.grid, config.region_min_size, crop=config.region_crop,
+                          crop_size=config.region_crop_size, geometry=config.region_geometry)
+            if config.region_token else None
         )
         self.llm = llm if llm is not None else LlamaForCausalLM(LlamaConfig(**config.text))
 
     # -- pieces the exporter traces -------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 `[B, H, W, 3]` -> image embeddings `[B, N, d]` (vision + projector)."""
-        return self.projector(self.vision(pixels))
+        """uint8 `[B, H, W, 3]` -> image embeddings `[B, N, d]` (vision + projector + 2D position)."""
+        return self.project(self.vision(pixels))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features `[B, N, C]` -> image embeddings `[B, N, d]`: the projector, plus each token's cell
+        position when `config.position_2d`."""
+        x = self.projector(features)
+        return x + self.position().to(x.dtype) if self.position is not None else x
 
     def encode_regions(self, image_embeds: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor,
-                       pixels: torch.Tensor) -> torch.Tensor:
+                       pixels: torch.Tensor | None = None, crops: torch.Tensor | None = None) -> torch.Tensor:
         """Region embeddings `[R, d]` for normalized boxes `[R, 4]` of images `batch_index` `[R]`
-        (image_embeds `[B, N, d]`, pixels uint8 `[B, H, W, 3]`)."""
+        (image_embeds `[B, N, d]`). The appearance view reads `crops` uint8 `[R, h, w, 4]`
+        (`model.preprocess.region_crops` of the original images; crop "original") or `pixels` uint8
+        `[B, H, W, 3]` (the resized images; crop "resized")."""
         assert self.region is not None
+        if self.region.crop == "original":
+            if crops is None:
+                raise ValueError("this model reads region crops of the original image: pass crops "
+                                 "(model.preprocess.region_crops)")
+            return self.region(image_embeds[batch_index], boxes, crops)
         return self.region(image_embeds[batch_index], boxes, pixels[batch_index])
 
     # -- sequence assembly ----------------------------------------------------------------------------------
@@ -77,12 +94,15 @@ class ChatSpotModel(nn.Module):
         boxes: torch.Tensor | None = None,
         box_batch: torch.Tensor | None = None,
         pixels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Token embeddings `[B, T, d]` with image and region embeddings scattered into their placeholders.
+        crops: torch.Tensor | None = None,
+        return_regions: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings `[B, T, d]` with image and region embeddings scattered into their placeholders
+        (and, with `return_regions`, the region embeddings `[R, d]` or None).
 
         image_embeds: `[B', N, d]` for the B' samples that hold `<image>` ids (in batch order);
         boxes / box_batch: `[R, 4]` / `[R]` for the `<region>` ids, in (batch, position) order;
-        pixels: the uint8 images `[B', H, W, 3]` (region crops)."""
+        pixels: the uint8 images `[B', H, W, 3]`; crops: `[R, h, w, 4]` region crops (see `encode_regions`)."""
         cfg = self.config
         emb = self.llm.get_input_embeddings()(input_ids)
         if image_embeds is not None:
@@ -92,13 +112,14 @@ class ChatSpotModel(nn.Module):
                     f"{int(mask.sum())} <image> positions for {image_embeds.shape[0]}x{image_embeds.shape[1]} embeddings"
                 )
             emb = emb.masked_scatter(mask, image_embeds.to(emb.dtype))
+        region = None
         if self.region is not None and boxes is not None and boxes.shape[0] > 0:
             rmask = (input_ids == cfg.region_token_id).unsqueeze(-1)
             if int(rmask.sum()) != boxes.shape[0]:
                 raise ValueError(f"{int(rmask.sum())} <region> positions for {boxes.shape[0]} regions")
-            region = self.encode_regions(image_embeds, boxes, box_batch, pixels)
+            region = self.encode_regions(image_embeds, boxes, box_batch, pixels, crops)
             emb = emb.masked_scatter(rmask, region.to(emb.dtype))
-        return emb
+        return (emb, region) if return_regions else emb
 
     def forward(
         self,
@@ -111,44 +132,63 @@ class ChatSpotModel(nn.Module):
         image_embeds: torch.Tensor | None = None,
         per_sample: bool = False,
         region_align: float = 0.0,
+        crops: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        box_segment: torch.Tensor | None = None,
     ) -> ChatSpotOutput:
         """With `labels`: the loss over answer tokens only, logits computed at those positions alone (the
         49k-way softmax over prompt positions is most of the cost otherwise), averaged over tokens or, with
-        `per_sample`, first within each sample. `region_align` > 0 adds the region-text alignment loss (see
-        `region_alignment_loss`) with that weight. Without labels: full logits."""
+        `per_sample`, first within each sample (within each turn when `segments` `[B, T]` numbers the
+        independent turns of a sample, see `Processor.encode_turns`; then `attention_mask` is the 4D
+        `[B, 1, T, T]` boolean mask that keeps turns apart and `position_ids` `[B, T]` restart every turn).
+        `region_align` > 0 adds the region-text alignment loss (see `region_alignment_loss`) with that weight;
+        `box_segment` `[R]` is each region's turn. Without labels: full logits."""
         if image_embeds is None and pixels is not None:
             image_embeds = self.encode_image(pixels)
-        emb = self.embed(input_ids, image_embeds, boxes, box_batch, pixels)
+        emb, region = self.embed(input_ids, image_embeds, boxes, box_batch, pixels, crops, return_regions=True)
         # get_decoder(): the LlamaModel, also through a peft (LoRA) wrapper, where `.model` is the LlamaForCausalLM
-        hidden = self.llm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+        hidden = self.llm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask,
+                                        position_ids=position_ids).last_hidden_state
         if labels is None:
             return ChatSpotOutput(loss=None, logits=self.llm.lm_head(hidden))
         targets = labels[:, 1:]
         select = targets != IGNORE_INDEX
         logits = self.llm.lm_head(hidden[:, :-1][select])
         token_loss = F.cross_entropy(logits.float(), targets[select], reduction="none")
-        if per_sample:  # every sample weighs the same, however long its answer (a grounding box is ~25 tokens)
-            sample = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[select]
-            counts = torch.bincount(sample, minlength=targets.shape[0]).clamp(min=1)
-            per = torch.zeros(targets.shape[0], device=targets.device).index_add_(0, sample, token_loss) / counts
-            loss = per[select.any(1)].mean()
+        if per_sample:  # every sample (turn) weighs the same, however long its answer (a box is ~25 tokens)
+            B = targets.shape[0]
+            unit = torch.arange(B, device=targets.device)[:, None].expand_as(targets)
+            n_units = B
+            if segments is not None:
+                n_seg = int(segments.max()) + 1
+                unit = unit * n_seg + segments[:, 1:]
+                n_units = B * n_seg
+            unit = unit[select]
+            counts = torch.bincount(unit, minlength=n_units)
+            per = torch.zeros(n_units, device=targets.device).index_add_(0, unit, token_loss) / counts.clamp(min=1)
+            loss = per[counts > 0].mean()
         else:
             loss = token_loss.mean()
-        if region_align > 0 and self.region is not None and boxes is not None and boxes.shape[0] > 0:
-            loss = loss + region_align * self.region_alignment_loss(image_embeds, boxes, box_batch, pixels, targets)
+        if region_align > 0 and region is not None:
+            loss = loss + region_align * self.region_alignment_loss(
+                region, box_batch, targets, None if segments is None else segments[:, 1:], box_segment)
         return ChatSpotOutput(loss=loss, logits=logits, n_targets=int(select.sum()))
 
-    def region_alignment_loss(self, image_embeds: torch.Tensor, boxes: torch.Tensor, box_batch: torch.Tensor,
-                              pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Region-text alignment (ChatSpot's stage-1 alignment, for regions): each region embedding, read out
-        through the LLM's final norm and (tied) output head, should predict the tokens of its sample's answer
-        as a bag of words. It trains the region encoder directly and puts its output where the LLM reads
-        words, which breaks the start-up plateau where the LLM ignores a still-random region embedding.
+    def region_alignment_loss(self, region: torch.Tensor, box_batch: torch.Tensor, targets: torch.Tensor,
+                              target_segments: torch.Tensor | None = None,
+                              box_segment: torch.Tensor | None = None) -> torch.Tensor:
+        """Region-text alignment (ChatSpot's stage-1 alignment, for regions): each region embedding `[R, d]`,
+        read out through the LLM's final norm and (tied) output head, should predict the tokens of its
+        sample's answer (of its own turn, given `target_segments` `[B, T-1]` and `box_segment` `[R]`) as a
+        bag of words. It trains the region encoder directly and puts its output where the LLM reads words,
+        which breaks the start-up plateau where the LLM ignores a still-random region embedding.
         targets: `[B, T-1]` next-token labels (IGNORE_INDEX outside answers)."""
-        region = self.encode_regions(image_embeds, boxes, box_batch, pixels)  # [R, d]
         logp = torch.log_softmax(self.llm.lm_head(self.llm.get_decoder().norm(region)).float(), dim=-1)  # [R, V]
         answer = targets[box_batch]  # [R, T-1]
         keep = (answer != IGNORE_INDEX) & (answer != self.config.eos_token_id)
+        if target_segments is not None and box_segment is not None:
+            keep &= target_segments[box_batch] == box_segment[:, None]
         picked = torch.gather(logp, 1, answer.clamp(min=0)) * keep  # log p(answer token) per position
         return -(picked.sum(1) / keep.sum(1).clamp(min=1)).mean()
 
@@ -161,9 +201,11 @@ class ChatSpotModel(nn.Module):
         boxes: list[list[tuple[float, float, float, float]]],
         max_new_tokens: int = 32,
         stop_ids: tuple[int, ...] = (),
+        crops: torch.Tensor | None = None,
     ) -> list[list[int]]:
         """Batched greedy decoding. input_ids: B prompts (with N `<image>` ids each, `<region>` per box);
-        pixels: uint8 `[B, H, W, 3]`; boxes: per prompt, normalized boxes in `<region>` order.
+        pixels: uint8 `[B, H, W, 3]`; boxes: per prompt, normalized boxes in `<region>` order; crops: the
+        regions' crops `[R, h, w, 4]` in the same order (models with crop "original").
         Prompts are left-padded; returns the new token ids of each, without the stop id."""
         device = pixels.device
         B = len(input_ids)
@@ -178,7 +220,7 @@ class ChatSpotModel(nn.Module):
         box_t = torch.tensor(flat, dtype=torch.float32, device=device).reshape(-1, 4)
         box_b = torch.tensor([i for i, bs in enumerate(boxes) for _ in bs], dtype=torch.long, device=device)
         image_embeds = self.encode_image(pixels)
-        emb = self.embed(ids, image_embeds, box_t, box_b, pixels)
+        emb = self.embed(ids, image_embeds, box_t, box_b, pixels, crops)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
         past = out.past_key_values
@@ -207,7 +249,7 @@ class ChatSpotModel(nn.Module):
         emb = self.llm.get_input_embeddings().weight.numel()
         return {
             "vision": count(self.vision),
-            "projector": count(self.projector),
+            "projector": count(self.projector) + count(self.position),
             "region": count(self.region),
             "llm": count(self.llm),
             "llm_embeddings": emb,

@@ -34,6 +34,8 @@ class VisionConfig:
     pool: int = 1  # average-pool factor applied to the encoder's map before the projector
     stride: int = 16  # encoder output stride before pooling (documentation + checks)
     multiscale: bool = False  # EfficientNet: also the half-stride map, pooled to the output grid
+    merge: str = "avg"  # how `pool` x `pool` cells become one token: "avg" (average) or "shuffle" (stacked
+    # channels, pixel-unshuffle: the token keeps its 4 sub-cells apart, `channels` counts them all)
     # HF towers only
     hf_config: dict[str, Any] | None = None
     feature_layer: int | list[int] = -2
@@ -57,6 +59,11 @@ class ChatSpotConfig:
     region_token: bool = True  # one extra region embedding per region (see model.region)
     region_placement: str = "after_box"  # "after_box" or "before_answer" (referring.with_region_tokens)
     region_min_size: float = 0.0  # a region smaller than this (normalized) is grown to it; 0 = one grid cell
+    region_crop: str = "resized"  # region appearance: "original" (aspect-kept crop of the original image) or
+    # "resized" (16x16 RoI of the model's square resize; the first design); see model.region
+    region_crop_size: tuple[int, int] = (32, 128)  # (h, w) canvas of the "original" crop
+    region_geometry: bool = False  # add the box's centre / size embedding to each region embedding
+    position_2d: bool = False  # add each image token's 2D cell-centre embedding in the projector (model.position)
     image_token_id: int = -1
     box_start_id: int = -1
     box_end_id: int = -1
@@ -102,6 +109,8 @@ class ChatSpotConfig:
         for k in ("image_size", "mean", "std", "grid"):
             if k in v and v[k] is not None:
                 v[k] = tuple(v[k])
+        if d.get("region_crop_size") is not None:
+            d["region_crop_size"] = tuple(d["region_crop_size"])
         known = set(cls.__dataclass_fields__)
         extra = set(d) - known
         if extra:

@@ -79,3 +79,76 @@ def resize_pixels(img: Image.Image, size: tuple[int, int], resize: str = RESIZE_
         raise InputError(f"unknown resize filter {resize!r}")
     out = img if img.size == (w, h) else img.resize((w, h), _FILTERS[resize])
     return np.ascontiguousarray(np.asarray(out, dtype=np.uint8))
+
+
+# -- region crops from the original image ---------------------------------------------------------------------
+
+CROP_HEIGHT, CROP_WIDTH = 32, 128  # the region crop canvas: a word of 3-8 letters stays legible at 32 px
+POINT_SIDE = 1.0 / 7.0  # a point is read as a square of this fraction of the shorter image side
+MIN_CROP_PX = 2.0  # a box thinner than this (pixels of the source) is grown around its centre
+REGION_SOURCE_MAX = 2048  # the runtime keeps the original for crops at most this long-side size
+
+
+def region_source(img: Image.Image, max_side: int = REGION_SOURCE_MAX) -> Image.Image:
+    """The image region crops are read from: the original, downscaled (aspect kept) only if its longer side
+    exceeds `max_side` (a 12-megapixel photo would otherwise stay in memory at full size). Crops take
+    normalized boxes, so the scale does not change where they fall."""
+    if max(img.size) <= max_side:
+        return img
+    s = max_side / max(img.size)
+    return img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BILINEAR)
+
+
+def region_crops(img: Image.Image | np.ndarray, boxes, size: tuple[int, int] = (CROP_HEIGHT, CROP_WIDTH),
+                 point_side: float = POINT_SIDE) -> np.ndarray:
+    """Aspect-preserving crops of normalized boxes, read from `img` (the original image, not the model's
+    square resize): uint8 `[R, h, w, 4]` = RGB + a validity channel (255 where the crop lies, 0 in padding).
+
+    boxes: `[R, 4]` normalized (x1, y1, x2, y2) of `img`, the same boxes the region encoder gets; a point
+    (x1 == x2 and y1 == y2) is read as a square of `point_side` x the shorter image side around it; a thinner
+    extent is grown to `MIN_CROP_PX` pixels around its centre. Each crop is scaled (antialiased bilinear) by
+    one factor on both axes so that it fills the canvas height or width, whichever binds first, and is centred
+    on the (h, w) canvas: a word keeps its letter shapes, a tall object its proportions. The same function
+    makes the crops for training, evaluation and the runtime, so they cannot drift."""
+    h, w = size
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    out = np.zeros((len(b), h, w, 4), dtype=np.uint8)
+    if isinstance(img, np.ndarray):  # uint8 [H, W, 3]
+        img = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8))
+    W, H = img.size
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    for r, (x1, y1, x2, y2) in enumerate(b):
+        px1, px2 = sorted((float(x1) * W, float(x2) * W))
+        py1, py2 = sorted((float(y1) * H, float(y2) * H))
+        cx, cy = (px1 + px2) / 2, (py1 + py2) / 2
+        if px2 - px1 <= 0 and py2 - py1 <= 0:  # a point
+            half_w = half_h = point_side * min(W, H) / 2
+        else:
+            half_w, half_h = max(px2 - px1, MIN_CROP_PX) / 2, max(py2 - py1, MIN_CROP_PX) / 2
+        bw, bh = 2 * half_w, 2 * half_h
+        s = min(h / bh, w / bw)  # one scale for both axes: the crop keeps its aspect ratio
+        left, top = (w - bw * s) / 2, (h - bh * s) / 2  # the window's place on the canvas (centred)
+        wx1, wy1 = cx - half_w, cy - half_h
+        # the part of the window inside the image; the rest of the canvas stays padding (validity 0)
+        vx1, vy1, vx2, vy2 = max(wx1, 0.0), max(wy1, 0.0), min(wx1 + bw, float(W)), min(wy1 + bh, float(H))
+        if vx2 <= vx1 or vy2 <= vy1:
+            continue
+        c1, c2 = round(left + (vx1 - wx1) * s), round(left + (vx2 - wx1) * s)
+        r1, r2 = round(top + (vy1 - wy1) * s), round(top + (vy2 - wy1) * s)
+        c1, r1 = min(max(c1, 0), w - 1), min(max(r1, 0), h - 1)
+        c2, r2 = min(max(c2, c1 + 1), w), min(max(r2, r1 + 1), h)
+        crop = rgb.resize((c2 - c1, r2 - r1), Image.Resampling.BILINEAR, box=(vx1, vy1, vx2, vy2), reducing_gap=None)
+        out[r, r1:r2, c1:c2, :3] = np.asarray(crop, dtype=np.uint8)
+        out[r, r1:r2, c1:c2, 3] = 255
+    return out
+
+
+def batch_region_crops(images, boxes, box_batch, size: tuple[int, int] = (CROP_HEIGHT, CROP_WIDTH)) -> np.ndarray:
+    """`region_crops` for regions spread over several images: box r of `boxes [R, 4]` is read from
+    `images[box_batch[r]]` (PIL images or uint8 `[H, W, 3]` arrays); returns uint8 `[R, h, w, 4]` in box order."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    idx = np.asarray(box_batch, dtype=np.int64).reshape(-1)
+    out = np.zeros((len(b), size[0], size[1], 4), dtype=np.uint8)
+    for i in np.unique(idx):
+        out[idx == i] = region_crops(images[int(i)], b[idx == i], size)
+    return out

@@ -70,17 +70,29 @@ def smollm2_llm(blocks: tuple[int, ...] | None = None, vocab_size: int | None = 
     return llm
 
 
-def efficientnet_vision(pool: int = 2) -> VisionConfig:
-    """The mini / smol vision config (stride-16 + stride-8 EfficientNet-Lite0 maps at 224x224, pooled `pool`x)."""
+def efficientnet_vision(pool: int = 2, merge: str = "avg") -> VisionConfig:
+    """The mini / smol vision config (stride-16 + stride-8 EfficientNet-Lite0 maps at 224x224, `pool` x `pool`
+    cells merged into one token by averaging or stacking, see `VisionConfig.merge`)."""
     grid = 14 // pool
-    return VisionConfig(kind="efficientnet_lite0", image_size=(224, 224), channels=112 + 40, stride=16, pool=pool,
-                        grid=(grid, grid), multiscale=True)
+    channels = (112 + 40) * (pool * pool if merge == "shuffle" and pool > 1 else 1)
+    return VisionConfig(kind="efficientnet_lite0", image_size=(224, 224), channels=channels, stride=16, pool=pool,
+                        grid=(grid, grid), multiscale=True, merge=merge)
 
 
-def preset_config(preset: str, tokenizer, vision_pool: int = 2) -> ChatSpotConfig:
+# The model's referring design (each a measured choice, see docs/quality.md); `build_preset(design=...)`
+# overrides single entries for ablations.
+DESIGN = dict(position_2d=True, region_crop="original", region_geometry=True, vision_merge="avg")
+
+
+def preset_config(preset: str, tokenizer, vision_pool: int = 2, design: dict | None = None) -> ChatSpotConfig:
+    des = {**DESIGN, **(design or {})}
+    unknown = set(des) - set(DESIGN)
+    if unknown:
+        raise ValueError(f"unknown design options {sorted(unknown)} (known: {sorted(DESIGN)})")
     common = dict(system_prompt=DEFAULT_SYSTEM, prompt_template=CHATML_TEMPLATE, assistant_end=CHATML_END,
                   turn_template=CHATML_TURN, region_token=True, region_placement="before_answer",
-                  **_token_ids(tokenizer))
+                  position_2d=bool(des["position_2d"]), region_crop=des["region_crop"],
+                  region_geometry=bool(des["region_geometry"]), **_token_ids(tokenizer))
     n_vocab = len(tokenizer)
     if preset == "tiny":
         text = LlamaConfig(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -92,7 +104,8 @@ def preset_config(preset: str, tokenizer, vision_pool: int = 2) -> ChatSpotConfi
         return ChatSpotConfig(preset="tiny", vision=vision, text=_text_dict(text), **common)
     if preset in ("mini", "smol"):
         # the text config is filled in from the GGUF by build_preset; placeholders keep the dataclass whole
-        return ChatSpotConfig(preset=preset, vision=efficientnet_vision(vision_pool), text={}, **common)
+        return ChatSpotConfig(preset=preset, vision=efficientnet_vision(vision_pool, des["vision_merge"]), text={},
+                              **common)
     raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
 
 
@@ -106,13 +119,15 @@ def _text_dict(cfg: LlamaConfig) -> dict:
 
 
 def build_preset(preset: str, pretrained: bool = True, vision_pool: int = 2, seed: int = 0,
-                 blocks: tuple[int, ...] | None = None, referring: ReferringFormat | None = None):
+                 blocks: tuple[int, ...] | None = None, referring: ReferringFormat | None = None,
+                 design: dict | None = None):
     """(model, tokenizer) for a preset. `pretrained=False` gives random weights of the same shapes (for
     latency benchmarks and tests); tiny is always random. `referring`: the referring format (default
-    chatspot-text-v1; chatspot-loc-v1 adds its `<loc_k>` tokens, see model.loc_tokens)."""
+    chatspot-text-v1; chatspot-loc-v1 adds its `<loc_k>` tokens, see model.loc_tokens). `design`: overrides
+    of `DESIGN` (ablations)."""
     torch.manual_seed(seed)
     tokenizer = smollm2_tokenizer()
-    cfg = preset_config(preset, tokenizer, vision_pool)
+    cfg = preset_config(preset, tokenizer, vision_pool, design)
     if preset == "tiny":
         model = ChatSpotModel(cfg)
     else:

@@ -24,6 +24,11 @@ class Encoded:
     ids: list[int]
     labels: list[int] | None
     boxes: list[Box]  # normalized, one per `<region>` id, in order
+    # independent turns only (`encode_turns`): per token, 0 for the shared [system + image] prefix and k for
+    # turn k; and the token's position (each turn starts right after the prefix)
+    segments: list[int] | None = None
+    positions: list[int] | None = None
+    box_segments: list[int] | None = None  # the turn of each box
 
 
 class Processor:
@@ -89,6 +94,39 @@ class Processor:
             labels += [IGNORE_INDEX] * len(p) + a
             first = False
         return Encoded(ids, labels, boxes)
+
+    def encode_turns(self, conversations: list[dict], max_turns: int | None = None,
+                     max_tokens: int | None = None) -> Encoded:
+        """LLaVA-style turns as INDEPENDENT questions on one shared [system + image] prefix: every turn is
+        written as the runtime writes a follow-up question on a cached image (`PromptFormat.followup`: no
+        earlier question or answer in between) and gets the positions right after the prefix; `segments`
+        say which turn each token is, so that attention can be limited to prefix + own turn (what
+        `train.adapt` builds). One image read, up to `max_turns` questions learned; turns that would pass
+        `max_tokens` in all are left out whole."""
+        head, tail = self.prompt.split()
+        end = self.config.assistant_end
+        ids = self._expand_image(self._ids(head))
+        n_prefix = len(ids)
+        labels = [IGNORE_INDEX] * n_prefix
+        segments, positions = [0] * n_prefix, list(range(n_prefix))
+        boxes: list[Box] = []
+        box_segments: list[int] = []
+        pairs = [(conversations[i], conversations[i + 1]) for i in range(0, len(conversations) - 1, 2)]
+        for k, (human, gpt) in enumerate(pairs[:max_turns] if max_turns else pairs, start=1):
+            if human.get("from") != "human" or gpt.get("from") != "gpt":
+                raise ValueError("conversations must alternate human / gpt turns")
+            p = self._ids(self.render(human["value"], lambda q: tail.format(question=q)))
+            a = self._ids(self.convert(gpt["value"]) + end)
+            if max_tokens is not None and k > 1 and len(ids) + len(p) + len(a) > max_tokens:
+                break
+            ids += p + a
+            labels += [IGNORE_INDEX] * len(p) + a
+            segments += [k] * (len(p) + len(a))
+            positions += list(range(n_prefix, n_prefix + len(p) + len(a)))
+            qb = self.question_boxes(human["value"])
+            boxes += qb
+            box_segments += [k] * len(qb)
+        return Encoded(ids, labels, boxes, segments, positions, box_segments)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

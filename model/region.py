@@ -1,13 +1,19 @@
-"""Region embedding: what a region looks like, as one extra embedding after its `</box>` (Ferret / GPT4RoI).
+"""Region embedding: what a region looks like and where it is, as one extra embedding per region (Ferret /
+GPT4RoI).
 
-It is an addition to ChatSpot's text coordinates: the coordinates stay in the prompt, and one embedding
-follows each `</box>` (the `<region>` placeholder). It sums two views of the region:
+It is an addition to the text coordinates: the coordinates stay in the prompt, and one embedding per region
+(the `<region>` placeholder) sums up to three views of it:
 
 - context: the image embeddings pooled with each grid cell's overlap with the box (elementwise ops only);
-- appearance: the box cropped out of the (resized) image with bilinear sampling (RoIAlign on pixels,
-  `grid_sample`, so it exports to ONNX) at 16x16 and encoded by a small conv net. Averaging over a box keeps
-  neither the object's outline nor, for an object smaller than a grid cell, its colour: measured with linear
-  probes on SpotWorld, box-pooled EfficientNet features gave 66% colour / 78% shape; the crop sees both.
+- appearance, one of two crops (`config.region_crop`):
+  - "original" (presets): the box cut out of the ORIGINAL image, aspect kept, on a 32 x 128 canvas
+    (`model.preprocess.region_crops`, computed outside the graph by the same function for training,
+    evaluation and the runtime) and read by a small conv net that keeps the horizontal layout (a word of
+    3-8 letters is ~20 px tall there: legible);
+  - "resized" (the first design, kept for old checkpoints and the ablation): the box resampled out of the
+    model's 224 x 224 square resize at 16 x 16 with `grid_sample` (RoIAlign on pixels); a word is a smear.
+- geometry (`config.region_geometry`): the box's centre and size (`model.position.BoxGeometry`), so that two
+  regions can be compared ("left of", "larger than") without decoding digits.
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from chatspot_edge.model.position import BoxGeometry
+
+REGION_CROPS = ("resized", "original")
 
 
 def box_cell_weights(boxes: torch.Tensor, grid: tuple[int, int], min_size: float = 0.0) -> torch.Tensor:
@@ -57,28 +67,72 @@ def crop_boxes(pixels: torch.Tensor, boxes: torch.Tensor, size: int = CROP, min_
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+class CropEncoder(nn.Module):
+    """uint8 crops `[R, h, w, 4]` (RGB + validity, `model.preprocess.region_crops`) -> `[R, d]`. Three stride-2
+    convolutions (32 x 128 -> 4 x 16), a 1x1 reduction, then a linear layer over the whole map, so the
+    letters' left-to-right order survives (global pooling would make "stop" and "pots" alike)."""
+
+    def __init__(self, hidden: int, size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        h, w = size
+        if h % 8 or w % 8:
+            raise ValueError(f"crop size {size} must be a multiple of 8")
+        self.register_buffer("scale", torch.tensor([1 / (255 * s) for s in std] + [1 / 255]).view(1, 4, 1, 1),
+                             persistent=False)
+        self.register_buffer("shift", torch.tensor([m / s for m, s in zip(mean, std)] + [0.0]).view(1, 4, 1, 1),
+                             persistent=False)
+        self.convs = nn.Sequential(
+            nn.Conv2d(4, 32, 3, padding=1), nn.GELU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(64, 96, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(96, 128, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(128, 32, 1), nn.GELU(), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(32 * (h // 8) * (w // 8), hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        x = crops.permute(0, 3, 1, 2).to(self.scale.dtype) * self.scale - self.shift
+        return self.head(self.convs(x.to(self.head[0].weight.dtype)))
+
+
 class RegionEncoder(nn.Module):
-    """`(image_embeds [1 or R, N, d], boxes [R, 4], pixels uint8 [1 or R, H, W, 3]) -> region_embeds [R, d]`."""
+    """`(image_embeds [1 or R, N, d], boxes [R, 4], source) -> region_embeds [R, d]`, where `source` is
+    the crops uint8 `[R, h, w, 4]` (crop "original") or the resized image uint8 `[1 or R, H, W, 3]`
+    (crop "resized")."""
 
     def __init__(self, hidden: int, grid: tuple[int, int], min_size: float = 0.0,
-                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.25, 0.25, 0.25)):
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.25, 0.25, 0.25),
+                 crop: str = "resized", crop_size: tuple[int, int] = (32, 128), geometry: bool = False):
         super().__init__()
+        if crop not in REGION_CROPS:
+            raise ValueError(f"unknown region crop {crop!r} (one of {REGION_CROPS})")
         self.grid = tuple(grid)
         self.min_size = min_size
+        self.crop = crop
         self.proj = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        from chatspot_edge.model.vision import PixelNormalize
+        if crop == "original":
+            self.crops = CropEncoder(hidden, tuple(crop_size), mean, std)
+        else:
+            from chatspot_edge.model.vision import PixelNormalize
 
-        self.norm = PixelNormalize(mean, std)
-        self.crop_min = max(min_size, 1.0 / max(grid))
-        self.appearance = nn.Sequential(  # 16x16 crop -> 4x4 x 64 -> d
-            nn.Conv2d(3, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GELU(), nn.Flatten(),
-            nn.Linear(64 * (CROP // 4) ** 2, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            self.norm = PixelNormalize(mean, std)
+            self.crop_min = max(min_size, 1.0 / max(grid))
+            self.appearance = nn.Sequential(  # 16x16 crop -> 4x4 x 64 -> d
+                nn.Conv2d(3, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
+                nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GELU(), nn.Flatten(),
+                nn.Linear(64 * (CROP // 4) ** 2, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.geometry = BoxGeometry(hidden) if geometry else None
 
-    def forward(self, image_embeds: torch.Tensor, boxes: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_embeds: torch.Tensor, boxes: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         R = boxes.shape[0]
         w = box_cell_weights(boxes.to(image_embeds.dtype), self.grid, self.min_size)  # [R, N]
         pooled = torch.einsum("rn,rnd->rd", w, image_embeds.expand(R, -1, -1))
-        img = self.norm(pixels).expand(R, -1, -1, -1)
-        crops = crop_boxes(img, boxes.to(img.dtype), CROP, self.crop_min)
-        return self.proj(pooled) + self.appearance(crops.to(pooled.dtype))
+        out = self.proj(pooled)
+        if self.crop == "original":
+            out = out + self.crops(source).to(out.dtype)
+        else:
+            img = self.norm(source).expand(R, -1, -1, -1)
+            crops = crop_boxes(img, boxes.to(img.dtype), CROP, self.crop_min)
+            out = out + self.appearance(crops.to(pooled.dtype))
+        if self.geometry is not None:
+            out = out + self.geometry(boxes.to(out.dtype))
+        return out

@@ -141,5 +141,5 @@ class VisionEncoder(nn.Module):
         if x.dim() == 3:
             return x
         if self.cfg.pool > 1:
-            x = F.avg_pool2d(x, self.cfg.pool)
+            x = F.pixel_unshuffle(x, self.cfg.pool) if self.cfg.merge == "shuffle" else F.avg_pool2d(x, self.cfg.pool)
         return x.flatten(2).transpose(1, 2)  # [B, h*w, C]

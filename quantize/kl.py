@@ -29,12 +29,13 @@ class Example:
     targets: list[int]  # positions t whose next-token distribution predicts ids[t + 1] (answer tokens)
     pixels: np.ndarray  # uint8 [H, W, 3], resized
     boxes: list[tuple[float, float, float, float]]  # normalized, in `<region>` order
+    original: object = None  # the original image (PIL), which region crops are read from
 
 
 def build_examples(records: Sequence[dict], load: Callable[[dict], object], processor, size: tuple[int, int],
                    resize: str = "bicubic") -> list[Example]:
     from chatspot_edge.model.chatspot import IGNORE_INDEX
-    from chatspot_edge.model.preprocess import resize_pixels
+    from chatspot_edge.model.preprocess import region_source, resize_pixels
 
     out = []
     for rec in records:
@@ -45,7 +46,9 @@ def build_examples(records: Sequence[dict], load: Callable[[dict], object], proc
         targets = [t for t in range(len(enc.ids) - 1) if enc.labels[t + 1] != IGNORE_INDEX]
         if not targets:
             continue
-        out.append(Example(list(enc.ids), targets, resize_pixels(load(rec), size, resize), list(enc.boxes)))
+        img = load(rec)
+        out.append(Example(list(enc.ids), targets, resize_pixels(img, size, resize), list(enc.boxes),
+                           region_source(img)))
     return out
 
 
@@ -62,7 +65,12 @@ def torch_logprobs(model, examples: Sequence[Example]) -> list[np.ndarray]:
             boxes = torch.tensor(ex.boxes, dtype=torch.float32).reshape(-1, 4) if ex.boxes else None
             box_batch = torch.zeros(len(ex.boxes), dtype=torch.long) if ex.boxes else None
             image_embeds = model.encode_image(px)
-            emb = model.embed(ids, image_embeds, boxes, box_batch, px)
+            crops = None
+            if ex.boxes and model.region is not None and model.region.crop == "original":
+                from chatspot_edge.model.preprocess import region_crops
+
+                crops = torch.from_numpy(region_crops(ex.original, ex.boxes, model.config.region_crop_size))
+            emb = model.embed(ids, image_embeds, boxes, box_batch, px, crops)
             hidden = model.llm.model(inputs_embeds=emb).last_hidden_state[0, ex.targets]
             logits = model.llm.lm_head(hidden).double()
             out.append(torch.log_softmax(logits, -1).float().numpy())
@@ -84,7 +92,7 @@ class Embedder:
         img = self.vision.run([out], {name: ex.pixels[None]})[0]
         reg = None
         if self.region is not None and ex.boxes:
-            reg = self.region(img, np.asarray(ex.boxes, dtype=np.float32), ex.pixels)
+            reg = self.region(img, np.asarray(ex.boxes, dtype=np.float32), ex.pixels, ex.original)
         return img[0].astype(np.float32), reg
 
 

@@ -316,8 +316,8 @@ def region_to_int8(src: Path, dst: Path, vision: Path, eval_images: Sequence[np.
     for image, emb in zip(eval_images, embeds):
         lo = rng.uniform(0.0, 0.7, (boxes_per_image, 2))
         boxes = np.concatenate([lo, lo + rng.uniform(0.05, 0.3, (boxes_per_image, 2))], 1).astype(np.float32)
-        a.append(ref(emb, boxes, image))
-        b.append(got(emb, boxes, image))
+        a.append(ref(emb, boxes, image, image))  # the resized image stands in for the original (crops)
+        b.append(got(emb, boxes, image, image))
     stats = cosine_stats(np.concatenate(a)[:, None], np.concatenate(b)[:, None])  # per region
     return {"file": dst.name, "method": "dynamic int8 weights (Gemm / MatMul, per channel)",
             "bytes": dst.stat().st_size, "cosine_mean": stats["cosine_mean"], "cosine_min": stats["cosine_min"],

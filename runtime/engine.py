@@ -28,7 +28,7 @@ from PIL import Image
 
 from chatspot_edge import referring
 from chatspot_edge.errors import BundleError, InputError
-from chatspot_edge.model.preprocess import load_image, resize_pixels
+from chatspot_edge.model.preprocess import load_image, region_source, resize_pixels
 from chatspot_edge.model.prompt import PromptFormat
 from chatspot_edge.openmp import torch_loaded_without_policy
 from chatspot_edge.runtime.llama import LlamaModel, gguf_architecture
@@ -190,14 +190,15 @@ class Engine:
         """A conversation about one image. With `history`, earlier questions and answers stay in context
         (the oldest are dropped when the context is full). `turns` starts a history session from an earlier
         conversation: `Turn`s (their answer tokens are kept exactly) or (question, answer) text pairs."""
-        pixels, size = self.pixels(image)
-        s = Session(self, pixels, size, history)
+        img = load_image(image)
+        pixels = resize_pixels(img, self.image_size, self.resize)
+        reads_crops = self.region is not None and self.region.crop_size is not None
+        s = Session(self, pixels, img.size, history, original=region_source(img) if reads_crops else None)
         if turns:
             if not history:
                 raise InputError("turns= needs history=True")
             s.turns = [t if isinstance(t, Turn) else Turn(str(t[0]), str(t[1])) for t in turns]
         return s
-
     # -- sequence slots and KV cells ----------------------------------------------------------------------
     def _resident(self) -> list["Session"]:
         return [s for s in self._slots if s is not None]
@@ -298,8 +299,10 @@ class Session:
     the model sees exactly the kept turns, as a new session started with them (`Engine.session(turns=...)`)
     would."""
 
-    def __init__(self, engine: Engine, pixels: np.ndarray, size: tuple[int, int], history: bool):
+    def __init__(self, engine: Engine, pixels: np.ndarray, size: tuple[int, int], history: bool,
+                 original: Image.Image | None = None):
         self.engine, self.pixels, self.size, self.history = engine, pixels, size, history
+        self.original = original  # what region crops are read from (region graphs with a `crops` input)
         self.width, self.height = size
         self.turns: list[Turn] = []  # the whole conversation (history mode: `context_turns` are still in context)
         self.timings = Timings()
@@ -393,7 +396,8 @@ class Session:
         """Parts -> token lists and region-embedding rows `[1, d]` (the region graph runs once per question)."""
         if not any(isinstance(p, int) for p in parts):
             return parts
-        emb = clock(self.engine.region, self._embeds, np.asarray(boxes, dtype=np.float32), self.pixels)
+        emb = clock(self.engine.region, self._embeds, np.asarray(boxes, dtype=np.float32), self.pixels,
+                    self.original)
         return [emb[p:p + 1] if isinstance(p, int) else p for p in parts]
 
     def _turn_size(self, turn: Turn, first: bool) -> int:

@@ -68,19 +68,33 @@ class CoreMLVision:
 
 
 class OnnxRegion:
-    """`region.onnx`: (image_embeds `[1, N, d]`, boxes `[R, 4]` normalized, image uint8 `[1, H, W, 3]`)
-    -> region_embeds `[R, d]`. Inputs are fed by name."""
+    """`region.onnx`: (image_embeds `[1, N, d]`, boxes `[R, 4]` normalized, and the appearance source:
+    `crops` uint8 `[R, h, w, 4]` cut from the original image, or `image` uint8 `[1, H, W, 3]` resized)
+    -> region_embeds `[R, d]`. Inputs are fed by name; crops are made here, from `original`, by the
+    function training used (`model.preprocess.region_crops`)."""
 
     def __init__(self, path: Path, threads: int | None = None):
         self.path = Path(path)
         self.session = _load(path, threads)
         self.names = [i.name for i in self.session.get_inputs()]
         self.output = self.session.get_outputs()[0].name
+        shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        self.crop_size = tuple(shapes["crops"][1:3]) if "crops" in shapes else None
+        if self.crop_size is not None and not all(isinstance(v, int) for v in self.crop_size):
+            raise BundleError(f"{path}: region graph input `crops` needs a fixed [R, h, w, 4] shape, has {shapes['crops']}")
 
-    def __call__(self, image_embeds: np.ndarray, boxes: np.ndarray, image: np.ndarray) -> np.ndarray:
-        values = {"image_embeds": image_embeds[None] if image_embeds.ndim == 2 else image_embeds,
-                  "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+    def __call__(self, image_embeds: np.ndarray, boxes: np.ndarray, image: np.ndarray, original=None) -> np.ndarray:
+        """`image`: the resized uint8 `[H, W, 3]` the vision graph saw; `original`: the original image (PIL
+        or uint8 array; `model.preprocess.region_source`), which graphs with a `crops` input read."""
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        values = {"image_embeds": image_embeds[None] if image_embeds.ndim == 2 else image_embeds, "boxes": boxes,
                   "image": image[None] if image.ndim == 3 else image}
+        if self.crop_size is not None:
+            if original is None:
+                raise BundleError(f"{self.path}: this region graph reads crops of the original image; none was given")
+            from chatspot_edge.model.preprocess import region_crops
+
+            values["crops"] = region_crops(original, boxes, self.crop_size)
         missing = [n for n in self.names if n not in values]
         if missing:
             raise BundleError(f"region graph wants inputs {missing} this runtime does not know")

@@ -109,10 +109,16 @@ def test_records_schema_and_task_coverage(dataset, records):
         with Image.open(dataset / r["image"]) as im:
             assert im.size == (r["width"], r["height"]) and im.mode == "RGB"
             assert 160 <= max(im.size) <= 448
-        human, gpt = r["conversations"]
+        human, gpt = r["conversations"][:2]
         assert human["from"] == "human" and gpt["from"] == "gpt"
         assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
         assert gpt["value"].strip()
+        split = r["id"].split("-")[0]
+        extra = r["conversations"][2:]
+        assert len(extra) == 2 * sw.EXTRA_TURNS[split] == 2 * len(r.get("turns", []))
+        for k in range(0, len(extra), 2):  # later turns: questions that stand alone, no image token
+            assert extra[k]["from"] == "human" and extra[k + 1]["from"] == "gpt"
+            assert "<image>" not in extra[k]["value"] and extra[k + 1]["value"].strip()
         assert 1 <= len(r["objects"]) <= 9
         for o in r["objects"]:
             x1, y1, x2, y2 = o["box"]
@@ -161,16 +167,36 @@ def test_referring_text_round_trips(records):
             assert all(re.fullmatch(r"\d\.\d{3}", v) for v in m.group(1).split(","))
 
 
+def _turns(r: dict) -> list[tuple[str, dict, list, str, str]]:
+    """(task, target, regions, question, answer) of every turn of a record: the scheduled one, then the extra."""
+    conv = r["conversations"]
+    out = [(r["task"], r["target"], r.get("regions", []), conv[0]["value"], conv[1]["value"])]
+    for k, t in enumerate(r.get("turns", [])):
+        out.append((t["task"], t["target"], t.get("regions", []), conv[2 + 2 * k]["value"], conv[3 + 2 * k]["value"]))
+    return out
+
+
 def test_task_answers(records, samples):
+    n_extra = 0
     for r in records:
-        task, target, answer = r["task"], r["target"], r["conversations"][1]["value"]
         objs = r["objects"]
         masks = samples[r["id"]].masks
+        for turn, (task, target, regions, question, answer) in enumerate(_turns(r)):
+            n_extra += turn > 0
+            assert len(referring.parse_regions(question)) == len(regions)
+            for reg, parsed in zip(regions, referring.parse_regions(question)):
+                px = parsed.to_pixels(r["width"], r["height"])
+                assert all(abs(a - b) <= max(r["width"], r["height"]) / 1000 for a, b in zip(px, reg["pixels"]))
+            _check_answer(r, objs, masks, samples, task, target, regions, answer)
+    assert n_extra == sum(sw.EXTRA_TURNS[r["id"].split("-")[0]] for r in records)
+
+
+def _check_answer(r, objs, masks, samples, task, target, regions, answer) -> None:
         if task == "region_recognition":
             o = objs[target["object"]]
             assert o["shape"] != "text"
             assert f"{o['color']} {o['shape']}" in answer
-            reg = r["region"]
+            reg = regions[0]
             if reg["kind"] == "box":
                 assert reg["pixels"] == o["box"]
             elif reg["kind"] == "point":
@@ -178,18 +204,18 @@ def test_task_answers(records, samples):
                 assert masks[target["object"]][int(y), int(x)]
         elif task == "point_qa":
             o = objs[target["object"]]
-            x, y = r["region"]["pixels"]
-            assert r["region"]["kind"] == "point" and masks[target["object"]][int(y), int(x)]
+            x, y = regions[0]["pixels"]
+            assert regions[0]["kind"] == "point" and masks[target["object"]][int(y), int(x)]
             assert target["attribute"] in ("color", "shape")
             assert target["answer"] == o[target["attribute"]] and o[target["attribute"]] in answer
         elif task == "region_ocr":
             o = objs[target["object"]]
             assert o["shape"] == "text" and answer == o["text"] == target["answer"]
             assert o["text"].lower() in sw.WORDS or (o["text"].isdigit() and 3 <= len(o["text"]) <= 4)
-            assert r["region"]["pixels"] == o["box"]
+            assert regions[0]["pixels"] == o["box"]
         elif task == "region_relation":
             i, j = target["objects"]
-            assert i != j and [reg["pixels"] for reg in r["regions"]] == [objs[i]["box"], objs[j]["box"]]
+            assert i != j and [reg["pixels"] for reg in regions] == [objs[i]["box"], objs[j]["box"]]
             assert target["answer"] in ("left", "right", "above", "below", "yes", "no")
             if answer in ("yes", "no"):
                 assert target["relation"] in ("left", "right", "above", "below", "larger", "smaller")
@@ -207,6 +233,23 @@ def test_task_answers(records, samples):
             assert int(re.search(r"\d+", answer).group()) == target["answer"]
         elif task == "image_caption":
             assert answer == target["answer"]
+
+
+def test_extra_turns_leave_the_first_turn_and_the_test_split_as_version_1():
+    """The extra turns draw from their own generator: the image, objects and first question of a training
+    sample, and every test sample, are what they were without them."""
+    saved = dict(sw.EXTRA_TURNS)
+    try:
+        with_turns = [sw.make_sample(5, "train", i).record for i in range(6)]
+        sw.EXTRA_TURNS.update(train=0)
+        without = [sw.make_sample(5, "train", i).record for i in range(6)]
+    finally:
+        sw.EXTRA_TURNS.update(saved)
+    for a, b in zip(with_turns, without):
+        assert a["conversations"][:2] == b["conversations"] and "turns" not in b
+        assert {k: v for k, v in a.items() if k not in ("conversations", "turns")} == {k: v for k, v in b.items() if k != "conversations"}
+        assert len(a["turns"]) == sw.EXTRA_TURNS["train"]
+    assert "turns" not in sw.make_sample(5, "test", 0).record
 
 
 def test_recognition_uses_all_region_kinds():

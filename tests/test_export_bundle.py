@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from chatspot_edge.model.preprocess import region_crops
+from chatspot_edge.runtime.vision import OnnxRegion
 from chatspot_edge.errors import BundleError, InputError
 from chatspot_edge.export import FORMAT, export_bundle, verify_bundle
 from chatspot_edge.export import bundle as bundle_mod
@@ -60,7 +62,9 @@ def test_manifest_contract(bundle, ckpt, tiny):
     ref = m["referring"]
     assert ref["format"] == "chatspot-text-v1" and ref["region_token"] is True
     assert ref["graph"] == "region.onnx" and ref["placeholder"] == "<region>"
-    assert set(ref["inputs"]) == {"image_embeds", "boxes", "image"} and set(ref["outputs"]) == {"region_embeds"}
+    assert set(ref["inputs"]) == {"image_embeds", "boxes", "crops"} and set(ref["outputs"]) == {"region_embeds"}
+    assert ref["crop"]["function"] == "chatspot_edge.model.preprocess.region_crops"
+    assert [ref["crop"]["height"], ref["crop"]["width"]] == list(model.config.region_crop_size)
     st = m["special_tokens"]
     assert [st[k] for k in ("image", "box_start", "box_end", "region")] == [49152, 49153, 49154, 49155]
     assert st["eos"] in st["stop"] and tok.convert_tokens_to_ids("<|im_end|>") in st["stop"]
@@ -174,7 +178,7 @@ def test_full_chain_greedy_matches_torch(bundle, tiny):
     proc = Processor(tok, model.config)
     st = m["special_tokens"]
     vision = onnx_session(bundle / m["vision"]["file"])
-    region = onnx_session(bundle / m["referring"]["graph"])
+    region = OnnxRegion(bundle / m["referring"]["graph"])  # as the runtime feeds it: crops made from the original
     rng = np.random.default_rng(3)
     shape = (1, m["image"]["height"], m["image"]["width"], 3)
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(2)]
@@ -185,7 +189,12 @@ def test_full_chain_greedy_matches_torch(bundle, tiny):
             cases[q, k, False] = (enc.ids, img, enc.boxes)
             if enc.boxes:
                 cases[q, k, True] = (enc.ids, img, [MOVED] * len(enc.boxes))
-    ref = {key: model.generate([ids], torch.from_numpy(img), [boxes], max_new_tokens=8)[0]
+    originals = [rng.integers(0, 256, (97, 150, 3), dtype=np.uint8) for _ in images]  # what crops are read from
+
+    def crops(k: int, boxes) -> torch.Tensor | None:
+        return torch.from_numpy(region_crops(originals[k], boxes, model.config.region_crop_size)) if boxes else None
+
+    ref = {key: model.generate([ids], torch.from_numpy(img), [boxes], max_new_tokens=8, crops=crops(key[1], boxes))[0]
            for key, (ids, img, boxes) in cases.items()}
     # the check is not vacuous: a chain that dropped the image or the region rows would answer differently
     assert any(ref[q, 0, False] != ref[q, 1, False] for q in QUESTIONS)
@@ -195,9 +204,7 @@ def test_full_chain_greedy_matches_torch(bundle, tiny):
             emb = vision.run(["image_embeds"], {"image": img})[0]
             replace = {st["image"]: emb[0]}
             if boxes:
-                replace[st["region"]] = region.run(
-                    ["region_embeds"], {"image_embeds": emb, "boxes": np.asarray(boxes, dtype=np.float32),
-                                        "image": img})[0]
+                replace[st["region"]] = region(emb, np.asarray(boxes, dtype=np.float32), img[0], originals[key[1]])
             got = lc.greedy(split_segments(ids, replace), max_new_tokens=8)
             assert got == ref[key], key
 

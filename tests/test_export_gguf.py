@@ -14,6 +14,7 @@ from chatspot_edge.export.llama_check import LlamaCheck, split_segments
 from chatspot_edge.model.chatspot import ChatSpotModel
 from chatspot_edge.model.llama_gguf import read_llama_gguf
 from chatspot_edge.model.presets import build_preset
+from chatspot_edge.model.preprocess import region_crops
 from chatspot_edge.model.processor import Processor
 
 pytestmark = pytest.mark.llama
@@ -238,10 +239,11 @@ def test_image_and_region_embedding_injection_matches_torch(tiny, llama):
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8, generator=g)
     boxes = torch.tensor(enc.boxes, dtype=torch.float32)
+    crops = torch.from_numpy(region_crops(pixels[0].numpy(), enc.boxes, model.config.region_crop_size))
     with torch.no_grad():
         image_embeds = model.encode_image(pixels)
-        region = model.encode_regions(image_embeds, boxes, torch.zeros(1, dtype=torch.long), pixels)
-        ref = model(torch.tensor([enc.ids]), pixels=pixels, boxes=boxes,
+        region = model.encode_regions(image_embeds, boxes, torch.zeros(1, dtype=torch.long), pixels, crops)
+        ref = model(torch.tensor([enc.ids]), pixels=pixels, boxes=boxes, crops=crops,
                     box_batch=torch.zeros(1, dtype=torch.long)).logits[0].numpy()
         # the inputs matter: another image, or another region, moves the logits 100x past the parity tolerance
         other_image = model(torch.tensor([enc.ids]), pixels=255 - pixels, boxes=boxes,
@@ -262,6 +264,6 @@ def test_image_and_region_embedding_injection_matches_torch(tiny, llama):
     nxt = int(np.argmax(got[-1]))
     more = llama.feed([[nxt]], logits="last")
     with torch.no_grad():
-        ref2 = model(torch.tensor([enc.ids + [nxt]]), pixels=pixels, boxes=boxes,
+        ref2 = model(torch.tensor([enc.ids + [nxt]]), pixels=pixels, boxes=boxes, crops=crops,
                      box_batch=torch.zeros(1, dtype=torch.long)).logits[0, -1].numpy()
     assert np.abs(more - ref2).max() <= 1e-4

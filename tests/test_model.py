@@ -1,6 +1,7 @@
 import torch
 
 from chatspot_edge.model.checkpoint import load_checkpoint, save_checkpoint
+from chatspot_edge.model.preprocess import batch_region_crops
 from chatspot_edge.model.processor import Processor
 from chatspot_edge.model.region import box_cell_weights
 
@@ -41,10 +42,9 @@ def test_forward_shapes_and_answer_only_loss(tiny):
     px = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)
     emb = model.encode_image(px)
     assert emb.shape == (1, 16, 64)
-    full = model(ids, pixels=px, boxes=torch.tensor(enc.boxes), box_batch=torch.tensor([0]))
+    full = model(ids, **regions(model, px, enc.boxes))
     assert full.logits.shape == (1, len(enc.ids), len(tok))
-    out = model(ids, pixels=px, boxes=torch.tensor(enc.boxes), box_batch=torch.tensor([0]),
-                labels=torch.tensor([enc.labels]))
+    out = model(ids, labels=torch.tensor([enc.labels]), **regions(model, px, enc.boxes))
     assert out.n_targets == 4 and out.logits.shape == (4, len(tok))
     # the answer-only loss equals cross-entropy of the full logits at the answer positions
     tgt = torch.tensor(enc.labels[1:])
@@ -62,9 +62,9 @@ def test_image_and_region_change_the_output(tiny):
     a = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     b = torch.full((1, 64, 64, 3), 255, dtype=torch.uint8)
     with torch.no_grad():
-        la = model(ids, pixels=a, boxes=torch.tensor(enc.boxes), box_batch=torch.tensor([0])).logits[0, -1]
-        lb = model(ids, pixels=b, boxes=torch.tensor(enc.boxes), box_batch=torch.tensor([0])).logits[0, -1]
-        lc = model(ids, pixels=a, boxes=torch.tensor([[0.6, 0.6, 0.9, 0.9]]), box_batch=torch.tensor([0])).logits[0, -1]
+        la = model(ids, **regions(model, a, enc.boxes)).logits[0, -1]
+        lb = model(ids, **regions(model, b, enc.boxes)).logits[0, -1]
+        lc = model(ids, **regions(model, a, [[0.6, 0.6, 0.9, 0.9]])).logits[0, -1]
     # both effects sit 100x above the GGUF parity tolerance (1e-4, test_export_gguf), so a parity test on this
     # model notices a missing or wrong image or region row
     assert (la - lb).abs().max() > 1e-2 and (la - lc).abs().max() > 1e-2
@@ -83,9 +83,10 @@ def test_batched_generate_matches_single(tiny):
     qs = ["What is in <box>[0.100,0.200,0.450,0.610]</box>?", "Describe <box>[0.500,0.500]</box> in detail please."]
     encs = [proc.encode_prompt(q) for q in qs]
     px = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    batch = model.generate([e.ids for e in encs], px, [e.boxes for e in encs], max_new_tokens=6)
+    crops = regions(model, px, [b for e in encs for b in e.boxes], [i for i, e in enumerate(encs) for _ in e.boxes])["crops"]
+    batch = model.generate([e.ids for e in encs], px, [e.boxes for e in encs], max_new_tokens=6, crops=crops)
     for i, e in enumerate(encs):
-        single = model.generate([e.ids], px[i:i + 1], [e.boxes], max_new_tokens=6)
+        single = model.generate([e.ids], px[i:i + 1], [e.boxes], max_new_tokens=6, crops=crops[i:i + 1])
         assert single[0] == batch[i]
 
 
@@ -145,13 +146,81 @@ def test_region_alignment_loss_trains_the_region_encoder(tiny):
     model, tok = tiny
     enc = Processor(tok, model.config).encode_conversation(CONV)
     px = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)
-    args = dict(pixels=px, boxes=torch.tensor(enc.boxes), box_batch=torch.tensor([0]), labels=torch.tensor([enc.labels]))
+    args = dict(labels=torch.tensor([enc.labels]), **regions(model, px, enc.boxes))
     model.zero_grad()
     base = model(torch.tensor([enc.ids]), **args).loss
     total = model(torch.tensor([enc.ids]), region_align=1.0, **args).loss
     assert total > base  # a positive extra term
     (total - base).backward()
-    assert model.region.appearance[0].weight.grad.abs().sum() > 0
+    assert model.region.crops.convs[0].weight.grad.abs().sum() > 0
     assert model.llm.model.layers[0].mlp.up_proj.weight.grad is None or \
         model.llm.model.layers[0].mlp.up_proj.weight.grad.abs().sum() == 0  # it reads through norm + head only
     model.zero_grad()
+
+
+def regions(model, px: torch.Tensor, boxes, box_batch=None) -> dict:
+    """The region arguments of a forward pass: boxes, their images and their crops (read from `px`, which
+    stands in for the original images here)."""
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    box_batch = torch.zeros(len(boxes), dtype=torch.long) if box_batch is None else torch.tensor(box_batch)
+    crops = torch.from_numpy(batch_region_crops(list(px.numpy()), boxes.numpy(), box_batch.numpy(),
+                                                model.config.region_crop_size))
+    return dict(pixels=px, boxes=boxes, box_batch=box_batch, crops=crops)
+
+
+TURNS = [{"from": "human", "value": "<image>\nWhat is in <box>[0.100,0.200,0.450,0.610]</box>?"},
+         {"from": "gpt", "value": "a red triangle"},
+         {"from": "human", "value": "How many shapes are there in the image?"},
+         {"from": "gpt", "value": "3"},
+         {"from": "human", "value": "<box>[0.500,0.500]</box> What is the color of this object?"},
+         {"from": "gpt", "value": "blue"}]
+
+
+def test_independent_turns_equal_separate_questions_on_the_cached_prefix(tiny):
+    """Turns packed on one [system + image] prefix (the training layout) give every turn the logits it gets
+    alone after that prefix, which is what the runtime computes for a follow-up question on a cached image."""
+    from chatspot_edge.train.adapt import turn_masks
+
+    model, tok = tiny
+    proc = Processor(tok, model.config)
+    packed = proc.encode_turns(TURNS)
+    px = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    T = len(packed.ids)
+    m = turn_masks([packed], T)
+    with torch.no_grad():
+        out = model(torch.tensor([packed.ids]), attention_mask=m["attention_mask"], position_ids=m["position_ids"],
+                    **regions(model, px, packed.boxes)).logits[0]
+    n_prefix = packed.segments.count(0)
+    assert packed.positions[:n_prefix] == list(range(n_prefix))
+    box_at = 0
+    for k in (1, 2, 3):
+        idx = [i for i, s in enumerate(packed.segments) if s == k]
+        assert packed.positions[idx[0]] == n_prefix  # every turn starts right after the prefix
+        alone = proc.encode_turns(TURNS[2 * (k - 1): 2 * k])  # this turn as the only question
+        n_boxes = packed.box_segments.count(k)
+        with torch.no_grad():
+            ref = model(torch.tensor([alone.ids]), **regions(model, px, packed.boxes[box_at:box_at + n_boxes])).logits[0]
+        box_at += n_boxes
+        assert alone.ids == packed.ids[:n_prefix] + [packed.ids[i] for i in idx]
+        assert torch.allclose(out[idx], ref[n_prefix:], atol=1e-4)
+
+
+def test_per_turn_loss_weighs_turns_alike(tiny):
+    from chatspot_edge.train.adapt import turn_masks
+
+    model, tok = tiny
+    proc = Processor(tok, model.config)
+    packed = proc.encode_turns(TURNS)
+    px = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+    m = turn_masks([packed], len(packed.ids))
+    args = dict(labels=torch.tensor([packed.labels]), attention_mask=m["attention_mask"],
+                position_ids=m["position_ids"], **regions(model, px, packed.boxes))
+    with torch.no_grad():
+        per_turn = model(torch.tensor([packed.ids]), per_sample=True, segments=m["segments"], **args)
+        tokens = model(torch.tensor([packed.ids]), **args)
+    targets = torch.tensor(packed.labels[1:])
+    seg = torch.tensor(packed.segments[1:])
+    ce = torch.nn.functional.cross_entropy(tokens.logits.float(), targets[targets != -100], reduction="none")
+    s = seg[targets != -100]
+    ref = torch.stack([ce[s == k].mean() for k in (1, 2, 3)]).mean()
+    assert torch.allclose(per_turn.loss, ref, atol=1e-5)

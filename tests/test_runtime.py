@@ -13,7 +13,8 @@ from PIL import Image
 
 from chatspot_edge.errors import BundleError, InputError
 from chatspot_edge.model.checkpoint import save_checkpoint
-from chatspot_edge.model.preprocess import resize_pixels
+from chatspot_edge.model.preprocess import region_crops, resize_pixels
+from chatspot_edge.model.presets import build_preset
 from chatspot_edge.model.processor import Processor
 from chatspot_edge.runtime import Engine
 
@@ -47,7 +48,9 @@ def _torch_answer(model, tok, img, question, max_new_tokens=10):
     proc = Processor(tok, model.config)
     enc = proc.encode_prompt(question)
     px = torch.from_numpy(resize_pixels(img, model.config.vision.image_size))[None]
-    ids = model.generate([enc.ids], px, [enc.boxes], max_new_tokens=max_new_tokens, stop_ids=proc.stop_ids)[0]
+    crops = torch.from_numpy(region_crops(img, enc.boxes, model.config.region_crop_size)) if enc.boxes else None
+    ids = model.generate([enc.ids], px, [enc.boxes], max_new_tokens=max_new_tokens, stop_ids=proc.stop_ids,
+                         crops=crops)[0]
     return proc.decode(ids)
 
 

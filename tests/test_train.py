@@ -117,7 +117,7 @@ def test_ddp_two_cpu_processes_keep_replicas_identical(spot, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-def test_warm_start_copies_projector_region_and_added_tokens_only(spot, tmp_path):
+def test_warm_start_copies_projector_position_region_and_added_tokens_only(spot, tmp_path):
     from chatspot_edge.errors import InputError
     from chatspot_edge.model.checkpoint import save_checkpoint
     from chatspot_edge.model.presets import build_preset
@@ -133,7 +133,7 @@ def test_warm_start_copies_projector_region_and_added_tokens_only(spot, tmp_path
     after, src = model.state_dict(), source.state_dict()
     first = model.config.image_token_id
     for k, v in after.items():
-        if k.startswith(("projector.", "region.")):
+        if k.startswith(("projector.", "position.", "region.")):  # the image tokens' 2D position map goes along
             assert torch.equal(v, src[k]), k
         elif k.endswith("embed_tokens.weight"):
             assert torch.equal(v[first:], src[k][first:]) and torch.equal(v[:first], before[k][:first])
@@ -156,7 +156,7 @@ def test_fsdp_computes_what_ddp_computes_and_resumes(spot, tmp_path):
     """--fsdp (2 CPU processes, gloo): same batches and averaged gradients as DDP, so the same weights; a run
     killed after its step-4 state and resumed ends where the uninterrupted FSDP run ends."""
     cli = ["-m", "chatspot_edge.cli", "adapt", "--preset", "tiny", "--data", str(spot), "--steps", "6",
-           "--stage1-steps", "2", "--batch-size", "4", "--save-every", "2"]
+           "--stage1-steps", "2", "--batch-size", "4", "--save-every", "2", "--embeddings", "all"]  # FSDP shards all
     ddp = _torchrun(*cli, "--out", str(tmp_path / "ddp"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     fsdp = _torchrun(*cli, "--out", str(tmp_path / "fsdp"), "--fsdp")
@@ -181,3 +181,31 @@ def test_fsdp_computes_what_ddp_computes_and_resumes(spot, tmp_path):
     assert moved > 10  # the runs trained: projector, region encoder and LLM moved
     r = subprocess.run([sys.executable, *cli, "--out", str(tmp_path / "x"), "--fsdp"], capture_output=True, text=True)
     assert r.returncode == 2 and "torchrun" in r.stderr  # --fsdp without torchrun: a clear error
+
+
+def test_added_rows_train_only_the_added_tokens_and_merge_back():
+    """train.added_rows: same outputs as the plain tied table; a step moves the added rows only (no gradient is
+    formed for the 49k base rows); merge() writes them back into an ordinary tied embedding."""
+    from chatspot_edge.model.presets import build_preset
+    from chatspot_edge.train.added_rows import AddedRows
+
+    model, tok = build_preset("tiny", seed=0)
+    llm = model.llm
+    first = model.config.image_token_id
+    ids = torch.tensor([[5, 17, first, first + 2, 300]])
+    with torch.no_grad():
+        ref = llm(input_ids=ids).logits
+    before = llm.get_input_embeddings().weight.detach().clone()
+    rows = AddedRows(llm, first)
+    with torch.no_grad():
+        assert torch.allclose(llm(input_ids=ids).logits, ref, atol=1e-6)
+    assert [n for n, p in llm.named_parameters() if "embed" in n or "lm_head" in n] == ["model.embed_tokens.table.added"]
+    opt = torch.optim.SGD([rows.parameter], lr=1.0)
+    llm(input_ids=ids).logits[0, -1, [first + 1, 7]].sum().backward()  # reaches base row 7 and added row first+1
+    opt.step()
+    rows.merge()
+    after = llm.get_input_embeddings().weight
+    assert llm.get_output_embeddings().weight is after  # tied again
+    assert torch.equal(after[:first], before[:first])
+    assert not torch.equal(after[first:], before[first:])
+    rows.merge()  # idempotent

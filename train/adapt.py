@@ -29,7 +29,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ from chatspot_edge.errors import InputError
 from chatspot_edge.files import atomic_dir
 from chatspot_edge.model.chatspot import ChatSpotModel, ChatSpotOutput
 from chatspot_edge.model.checkpoint import save_checkpoint
-from chatspot_edge.model.preprocess import resize_pixels
+from chatspot_edge.model.preprocess import region_crops, resize_pixels
 from chatspot_edge.model.processor import Processor
 from chatspot_edge.referring import SPECIAL_TOKENS
 
@@ -73,7 +73,7 @@ class AdaptOptions:
     vision_pool: int = 2
     region_token: bool = True
     warmup: float = 0.05  # fraction of stage-2 steps
-    max_tokens: int = 320  # longer samples are truncated (answers are short)
+    max_tokens: int | None = None  # longer samples are truncated / lose whole turns (None: the preset's, or 320)
     per_sample_loss: bool = True  # average the loss within each sample first (tasks weigh alike)
     region_align: float = 1.0  # weight of the region-text alignment loss (model.region_alignment_loss)
     region_placement: str | None = None  # override the preset's: "after_box" or "before_answer"
@@ -86,6 +86,15 @@ class AdaptOptions:
     deadline: float | None = None  # wall-clock time (time.time()) by which stage 2 ends, if sooner than `minutes`
     lr_llm: float | None = None  # override the preset's LLM (transformer blocks) learning rate
     lr_embed: float | None = None  # learning rate of the (tied) token embeddings; default: lr_llm
+    embeddings: str = "added"  # which token-embedding rows train in stage 2: "added" (the added tokens' rows
+    # only, see train.added_rows) or "all" (the whole 49k-row tied table)
+    precision: str = "auto"  # autocast: "bf16", "fp32", or "auto" (bf16 on a GPU or a CPU with bf16 matrix
+    # instructions, fp32 elsewhere: on AVX2-only CPUs bf16 is emulated and slower)
+    turns: int | None = None  # > 0: up to this many questions per image per sample, as independent turns on one
+    # shared [system + image] prefix (Processor.encode_turns); 0: the conversation as one chat; None: the preset's
+    design: dict | None = None  # overrides of model.presets.DESIGN (ablations), e.g. {"position_2d": False}
+    loc_init: str | None = None  # chatspot-loc-v1 rows (None: the preset's): "mean" (the mean embedding), "fourier" (smooth in k, fixed
+    # random map) or "position" (the image tokens' own 2D position map, set when stage 2 starts; see loc_rows)
     quiet: bool = False
 
 
@@ -96,11 +105,13 @@ class Batches:
     """Deterministic batches over records: epoch e uses a permutation seeded by (seed, e). `position` counts
     samples consumed, so a resumed run draws exactly the batches the uninterrupted run would have."""
 
-    def __init__(self, records: list[dict], data_dir: Path, proc: Processor, image_size, seed: int, max_tokens: int):
+    def __init__(self, records: list[dict], data_dir: Path, proc: Processor, image_size, seed: int, max_tokens: int,
+                 turns: int = 0):
         from chatspot_edge.data import load_image
 
         self.records, self.data_dir, self.proc = records, data_dir, proc
         self.image_size, self.seed, self.max_tokens = image_size, seed, max_tokens
+        self.turns = turns  # > 0: up to this many questions per image as independent turns (encode_turns)
         self.load_image = load_image
         self.position = 0
         self._pixels: dict[str, np.ndarray] = {}
@@ -122,16 +133,27 @@ class Batches:
             self._pixels[key] = resize_pixels(self.load_image(self.data_dir, rec), self.image_size)
         return self._pixels[key]
 
+    def crops(self, rec: dict, boxes: list) -> np.ndarray:
+        """The region crops of `boxes` (normalized, from the question text) read from the original image."""
+        return region_crops(self.load_image(self.data_dir, rec), boxes, self.proc.config.region_crop_size)
+
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        encs, pix = [], []
+        encs, pix, crops = [], [], []
+        cfg = self.proc.config
+        want_crops = cfg.region_token and cfg.region_crop == "original"
         for i in indices:
             rec = self.records[i]
-            enc = self.proc.encode_conversation(rec["conversations"])
+            if self.turns:
+                enc = self.proc.encode_turns(rec["conversations"], self.turns, self.max_tokens)
+            else:
+                enc = self.proc.encode_conversation(rec["conversations"])
             if len(enc.ids) > self.max_tokens:  # keep the prompt, truncate the tail (labels included)
                 n_regions = enc.ids[: self.max_tokens].count(self.proc.config.region_token_id)
                 enc.ids, enc.labels, enc.boxes = enc.ids[: self.max_tokens], enc.labels[: self.max_tokens], enc.boxes[:n_regions]
             encs.append(enc)
             pix.append(self.pixels(rec))
+            if want_crops and enc.boxes:
+                crops.append(self.crops(rec, enc.boxes))
         T = max(len(e.ids) for e in encs)
         pad = self.proc.config.pad_token_id
         ids = torch.full((len(encs), T), pad, dtype=torch.long)
@@ -143,8 +165,33 @@ class Batches:
             mask[b, : len(e.ids)] = 1
         boxes = torch.tensor([bx for e in encs for bx in e.boxes], dtype=torch.float32).reshape(-1, 4)
         box_batch = torch.tensor([b for b, e in enumerate(encs) for _ in e.boxes], dtype=torch.long)
-        return dict(input_ids=ids, attention_mask=mask, labels=labels, boxes=boxes, box_batch=box_batch,
-                    pixels=torch.from_numpy(np.stack(pix)))
+        out = dict(input_ids=ids, attention_mask=mask, labels=labels, boxes=boxes, box_batch=box_batch,
+                   pixels=torch.from_numpy(np.stack(pix)), n_tokens=torch.tensor(sum(len(e.ids) for e in encs)))
+        if self.turns:
+            out.update(turn_masks(encs, T))
+        if want_crops:
+            h, w = cfg.region_crop_size
+            out["crops"] = torch.from_numpy(np.concatenate(crops) if crops else np.zeros((0, h, w, 4), np.uint8))
+        return out
+
+
+def turn_masks(encs: list, T: int) -> dict[str, torch.Tensor]:
+    """Attention mask, positions and turn numbers for samples encoded as independent turns
+    (`Processor.encode_turns`, right-padded to T): token i attends to token j <= i of the shared prefix
+    (segment 0) or of its own turn, as the runtime's follow-up question attends to the cached [system + image]
+    only. Returns `attention_mask` bool `[B, 1, T, T]`, `position_ids` / `segments` `[B, T]`, `box_segment` `[R]`."""
+    B = len(encs)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    for b, e in enumerate(encs):
+        seg[b, : len(e.ids)] = torch.tensor(e.segments)
+        pos[b, : len(e.ids)] = torch.tensor(e.positions)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+    allowed = causal & same & (seg[:, None, :] >= 0)
+    allowed |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
+    box_segment = torch.tensor([k for e in encs for k in (e.box_segments or [])], dtype=torch.long)
+    return dict(attention_mask=allowed[:, None], position_ids=pos, segments=seg.clamp(min=0), box_segment=box_segment)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,6 +293,26 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def resolve_precision(device: str, precision: str) -> str:
+    """"bf16" or "fp32" for `precision` ("auto": bf16 where the hardware multiplies bf16 natively, a GPU or a
+    CPU with AVX-512 BF16 / AMX; fp32 elsewhere: on an AVX2-only CPU (measured on a Zen 3) a bf16 matrix
+    product is emulated and runs 5-6x slower than fp32)."""
+    if precision == "auto":
+        from chatspot_edge.cpu import cpu_features
+
+        native = device.startswith("cuda") or bool({"avx512_bf16", "amx_bf16"} & cpu_features())
+        return "bf16" if native else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise InputError(f"--precision must be bf16, fp32 or auto, got {precision!r}")
+    return precision
+
+
+def _autocast(device: str, precision: str):
+    """The training autocast context for `resolve_precision(device, precision)`."""
+    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
+                          enabled=resolve_precision(device, precision) == "bf16")
+
+
 def _log(opts: AdaptOptions, rank: int, msg: str) -> None:
     if rank == 0 and not opts.quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -254,7 +321,7 @@ def _log(opts: AdaptOptions, rank: int, msg: str) -> None:
 def _set_trainable(model: ChatSpotModel, stage: int, lora: bool) -> None:
     for p in model.parameters():
         p.requires_grad = False
-    for m in (model.projector, model.region):
+    for m in (model.projector, model.position, model.region):
         if m is not None:
             for p in m.parameters():
                 p.requires_grad = True
@@ -264,8 +331,10 @@ def _set_trainable(model: ChatSpotModel, stage: int, lora: bool) -> None:
 
 
 def _param_groups(model: ChatSpotModel, lr_llm: float, lr_proj: float, lr_embed: float | None = None) -> list[dict]:
-    proj = [p for m in (model.projector, model.region) if m is not None for p in m.parameters() if p.requires_grad]
-    emb = model.llm.get_input_embeddings().weight
+    proj = [p for m in (model.projector, model.position, model.region) if m is not None for p in m.parameters()
+            if p.requires_grad]
+    table = model.llm.get_input_embeddings()
+    emb = table.table.added if hasattr(table, "table") else table.weight  # train.added_rows, or the whole table
     llm = [p for p in model.llm.parameters() if p.requires_grad and p is not emb]
     groups = [{"params": proj, "lr": lr_proj, "base_lr": lr_proj, "weight_decay": 0.0}]
     if llm:
@@ -274,6 +343,31 @@ def _param_groups(model: ChatSpotModel, lr_llm: float, lr_proj: float, lr_embed:
         lr = lr_embed if lr_embed is not None else lr_llm
         groups.append({"params": [emb], "lr": lr, "base_lr": lr, "weight_decay": 0.0})
     return groups
+
+
+LOC_INITS = ("mean", "fourier", "position")
+LOC_ROW_SCALE = 0.1  # RMS of a SmolLM2 embedding row around the mean row (0.0995): loc rows vary as much
+
+
+@torch.no_grad()
+def init_loc_rows(model: ChatSpotModel, how: str, added_rows=None) -> None:
+    """Set the `<loc_k>` rows (`model.position.loc_rows`) through the loc format's hook: "fourier" (a fixed
+    random map) or "position" (the model's 2D position map, so a loc row and the image cells at that
+    coordinate start out alike). With `added_rows` active (train.added_rows), its trainable block is set."""
+    from chatspot_edge.model.loc_tokens import init_loc_embeddings, loc_token_ids
+    from chatspot_edge.model.position import loc_rows
+
+    ids = loc_token_ids(model)
+    if added_rows is not None and added_rows.active:
+        table = added_rows.table
+        mean = table.base.float().mean(0)
+        rows = loc_rows(len(ids), mean, LOC_ROW_SCALE, model.position if how == "position" else None)
+        table.added[ids.start - table.first: ids.stop - table.first] = rows.to(table.added.dtype)
+        return
+    emb = model.llm.get_input_embeddings().weight
+    mean = emb[: model.config.image_token_id].float().mean(0)
+    init_loc_embeddings(model, lambda k, n: loc_rows(n, mean, LOC_ROW_SCALE,
+                                                     model.position if how == "position" else None))
 
 
 def _build_model(opts: AdaptOptions):
@@ -290,7 +384,7 @@ def _build_model(opts: AdaptOptions):
         return model, tok
     blocks = tuple(int(b) for b in opts.blocks.split(",")) if opts.blocks else None
     model, tok = build_preset(opts.preset, pretrained=True, vision_pool=opts.vision_pool, seed=opts.seed,
-                              blocks=blocks, referring=fmt)
+                              blocks=blocks, referring=fmt, design=opts.design)
     if not opts.region_token:
         model.config.region_token = False
         model.region = None
@@ -312,7 +406,7 @@ def warm_start_from(model: ChatSpotModel, source: Path) -> dict:
         raise InputError(f"{source}: vision encoder or hidden size differs from the {model.config.preset} preset")
     copied = []
     with torch.no_grad():
-        for name in ("projector", "region"):
+        for name in ("projector", "position", "region"):
             mine, theirs = getattr(model, name), getattr(src, name)
             if mine is None or theirs is None:
                 continue
@@ -351,6 +445,16 @@ def adapt(opts: AdaptOptions) -> dict:
     if opts.warm_start is not None and opts.stage1_steps is None:
         stage1_steps = d.get("stage1_steps_warm", stage1_steps)
     minutes = opts.minutes if opts.minutes is not None else d["minutes"]
+    # a preset that fixes its stage-2 steps (deterministic in samples) keeps its minutes as a cap: a slower
+    # machine trains fewer steps (the schedule is fixed after the first timed steps) rather than overrunning
+    steps = opts.steps if opts.steps is not None else (d.get("steps") if opts.minutes is None else None)
+    cap_minutes = minutes if (opts.steps is None and steps is not None) else None
+    turns = opts.turns if opts.turns is not None else d.get("turns", 0)
+    max_tokens = opts.max_tokens if opts.max_tokens is not None else (d.get("max_tokens") or 320)
+    if opts.referring is None and opts.bins is None and opts.init is None and d.get("referring"):
+        opts = replace(opts, referring=d["referring"], bins=d.get("bins"))
+    if opts.loc_init is None:
+        opts = replace(opts, loc_init=d.get("loc_init", "mean"))
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -383,12 +487,29 @@ def adapt(opts: AdaptOptions) -> dict:
     warm_start = warm_start_from(model, opts.warm_start) if opts.warm_start is not None else None
     if warm_start:
         _log(opts, rank, f"warm start from {opts.warm_start}: {', '.join(warm_start['copied'])}")
+    if opts.loc_init not in LOC_INITS:
+        raise InputError(f"--loc-init must be one of {', '.join(LOC_INITS)}, got {opts.loc_init!r}")
+    # <loc_k> rows: set here ("fourier") or from the aligned position map when stage 2 starts ("position");
+    # rows copied by a warm start (same bins) are kept
+    loc_init = opts.loc_init if model.config.referring_format.is_loc and not (
+        warm_start and any("loc" in c for c in warm_start["copied"])) and opts.init is None else "mean"
+    if loc_init == "fourier":
+        init_loc_rows(model, "fourier")
     if opts.lora:
         from peft import LoraConfig, get_peft_model
 
         model.llm = get_peft_model(model.llm, LoraConfig(
             r=16, lora_alpha=32, lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    added_rows = None
+    if opts.embeddings == "added":
+        if opts.fsdp:
+            raise InputError("--fsdp trains the whole embedding table: add --embeddings all")
+        from chatspot_edge.train.added_rows import AddedRows
+
+        added_rows = AddedRows(model.llm, model.config.image_token_id)  # added tokens follow the base vocabulary
+    elif opts.embeddings != "all":
+        raise InputError(f"--embeddings must be 'added' or 'all', got {opts.embeddings!r}")
     model.to(device)
     sharded = None
     if opts.fsdp:
@@ -398,12 +519,12 @@ def adapt(opts: AdaptOptions) -> dict:
             raise InputError("--fsdp with --lora is not supported: LoRA adapters are small enough for DDP")
         sharded = _shard(model)
     proc = Processor(tok, model.config)
-    data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, opts.max_tokens)
-    data1 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed + 1, opts.max_tokens)
+    data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, max_tokens, turns)
+    data1 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed + 1, max_tokens, turns)
     data1._pixels = data2._pixels  # one image cache
 
     state_dir = opts.out.with_name(opts.out.name + ".train-state")
-    meta = {"stage": 1, "step": 0, "total_steps": opts.steps, "pos1": 0, "pos2": 0, "elapsed": 0.0,
+    meta = {"stage": 1, "step": 0, "total_steps": steps, "pos1": 0, "pos2": 0, "elapsed": 0.0,
             "losses": [], "evals": [], "options": {k: str(v) for k, v in asdict(opts).items()}}
     resumed = False
     if opts.resume and (state_dir / "state.json").is_file():
@@ -415,7 +536,7 @@ def adapt(opts: AdaptOptions) -> dict:
         resumed = True
         _log(opts, rank, f"resumed from {state_dir}: stage {meta['stage']}, step {meta['step']}")
 
-    autocast = torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    autocast = _autocast(device, opts.precision)
     model.vision.eval()  # frozen, BatchNorm in inference mode
 
     def train_step(data: Batches, opt: torch.optim.Optimizer, factor: float) -> tuple[float, int]:
@@ -435,6 +556,7 @@ def adapt(opts: AdaptOptions) -> dict:
             dist.all_reduce(all_regions)
         for a, micro_batch in enumerate(micro_batches):
             batch = {k: v.to(device) for k, v in micro_batch.items()}
+            n_tok += int(batch.pop("n_tokens"))
             align = opts.region_align * n_regions[a] * opts.grad_accum * world / max(1, int(all_regions))
             last = a == opts.grad_accum - 1
             if sharded is not None:
@@ -445,7 +567,6 @@ def adapt(opts: AdaptOptions) -> dict:
                     out = fwd(per_sample=opts.per_sample_loss, region_align=align, **batch)
                 (out.loss / opts.grad_accum).backward()
             total_loss += float(out.loss.detach()) / opts.grad_accum
-            n_tok += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -482,6 +603,8 @@ def adapt(opts: AdaptOptions) -> dict:
 
     # ---- stage 2: projector + LLM on every task ------------------------------------------------------------
     if not resumed:
+        if loc_init == "position" and meta["step"] == 0:
+            init_loc_rows(model, "position", added_rows)
         _set_trainable(model, 2, opts.lora)
         opt = torch.optim.AdamW(_param_groups(model, d["lr_llm"], d["lr_proj"], opts.lr_embed), betas=(0.9, 0.95))
     model.train(); model.vision.eval()
@@ -499,6 +622,23 @@ def adapt(opts: AdaptOptions) -> dict:
         t_step1 = time.perf_counter() if steps_here == 1 else t_step1
         tokens_seen += n_tok
         meta["losses"].append([2, meta["step"], round(loss, 4)])
+        capped = cap_minutes is not None and not meta.get("capped") and meta["step"] >= timing_steps and steps_here > 1
+        if capped:  # fixed steps under a minutes cap: keep them if they fit, else as many as fit
+            now = time.perf_counter()
+            per_step = (now - t_step1) / (steps_here - 1)
+            left = cap_minutes * 60 - (now - t2)
+            if opts.deadline is not None:
+                left = min(left, opts.deadline - time.time())
+            est = meta["step"] + int(max(0.0, left) / per_step)
+            if distributed:
+                t = torch.tensor([est], dtype=torch.long)
+                dist.broadcast(t, 0)
+                est = int(t)
+            meta["capped"] = True
+            if est < total:
+                _log(opts, rank, f"stage 2: {per_step:.2f} s/step: {total} steps do not fit {cap_minutes:g} min; "
+                                 f"training {max(timing_steps + 1, est)}")
+                total = meta["total_steps"] = max(timing_steps + 1, est)
         if total is None and meta["step"] >= timing_steps and steps_here > 1:  # fix the schedule from the step time
             now = time.perf_counter()
             per_step = (now - t_step1) / (steps_here - 1)  # the first step's warm-up (allocations, kernels) left out
@@ -523,7 +663,7 @@ def adapt(opts: AdaptOptions) -> dict:
         if opts.eval_every and meta["step"] % opts.eval_every == 0:
             plain = gathered_model(model, sharded)  # FSDP: a collective; None on ranks > 0
             if rank == 0:
-                acc = quick_eval(plain, tok, opts.data, opts.eval_samples)
+                acc = quick_eval(plain, tok, opts.data, opts.eval_samples, opts.precision)
                 meta["evals"].append({"step": meta["step"], "elapsed_s": round(time.perf_counter() - t_start, 1), **acc})
                 _log(opts, rank, f"eval @ {meta['step']}: {acc}")
             model.train(); model.vision.eval()
@@ -540,6 +680,8 @@ def adapt(opts: AdaptOptions) -> dict:
     elapsed = time.perf_counter() - t_start
     stage2_seconds = time.perf_counter() - t2  # this process's stage 2 (a resumed run: since the resume)
     model.eval()
+    if added_rows is not None:
+        added_rows.merge()  # every rank: the returned model is an ordinary tied embedding again
     if sharded is not None:
         model = gathered_model(model, sharded)  # full weights on rank 0 (a collective)
     if rank == 0:
@@ -606,7 +748,7 @@ class _Forward(torch.nn.Module):
     def forward(self, pixels: torch.Tensor, **batch) -> ChatSpotOutput:
         with torch.no_grad():
             features = self.model.vision(pixels)
-        out = self.model(image_embeds=self.model.projector(features), pixels=pixels, **batch)
+        out = self.model(image_embeds=self.model.project(features), pixels=pixels, **batch)
         region = self.model.region
         if region is not None and batch["boxes"].numel() == 0 and out.loss is not None:
             # no region in this micro-batch: a zero term keeps the region encoder in the graph, so every rank
@@ -616,16 +758,17 @@ class _Forward(torch.nn.Module):
         return out
 
 
-def quick_eval(model: ChatSpotModel, tok, data: Path, n: int) -> dict:
-    """Region recognition and point QA on the first `n` test records (the learning curve), on the model's own
-    device (bf16 autocast)."""
+def quick_eval(model: ChatSpotModel, tok, data: Path, n: int, precision: str = "auto") -> dict:
+    """Every SPEC-6 accuracy (no box noise) + relation and counting on the first `n` test records with a region
+    or counting question (the learning curve), on the model's own device (`resolve_precision`'s autocast)."""
     from chatspot_edge.data import load_image, load_split
     from chatspot_edge.evaluation.answerers import TorchAnswerer
     from chatspot_edge.evaluation.protocol import evaluate
 
-    records = [r for r in load_split(data, "test") if r.get("task") in ("region_recognition", "point_qa")][:n]
+    records = [r for r in load_split(data, "test") if r.get("task") != "image_caption"][:n]
     model.eval()
-    res = evaluate(TorchAnswerer(model, tok, batch_size=32, autocast=torch.bfloat16), records,
+    bf16 = resolve_precision(next(model.parameters()).device.type, precision) == "bf16"
+    res = evaluate(TorchAnswerer(model, tok, batch_size=32, autocast=torch.bfloat16 if bf16 else None), records,
                    lambda r: load_image(data, r), noise=False)
-    m = res["metrics"]
-    return {"region_recognition": m["region_recognition"], "point_qa": m["point_qa"]}
+    return {k: v for k, v in {**res["metrics"], **res["extra_metrics"]}.items()
+            if v is not None and not k.startswith("noise")}

@@ -1,0 +1,98 @@
+"""2D position and box geometry as embeddings: what lets the LLM tell WHERE an image token or a region is.
+
+Image tokens reach the LLM in raster order with 1D rotary positions only, so without help the model cannot
+tell a token of the top-left cell from one of the bottom-right cell except by counting. Each image token
+therefore gets an embedding of its cell centre added in the projector (`GridPosition`, exported inside
+the vision graph as a constant); each region embedding gets one of its box (`BoxGeometry`: centre, size),
+so two regions can be compared ("left of", "larger than").
+
+Both read the same fixed Fourier basis of a normalized coordinate c in [0, 1]:
+
+    fourier(c) = [sin(pi * f * c), cos(pi * f * c)] for f = 1, 2, 4, ..., 2**(n_freq - 1)
+
+(`pi * f`: the lowest frequency spans the image once, without wrapping left onto right), followed by a
+learned linear map to the hidden size. `loc_rows` uses the same basis to give `<loc_k>` coordinate tokens
+(chatspot-loc-v1) smooth, ordered initial embeddings: neighbouring bins start similar, so the tied output
+head spreads probability over nearby bins from the first step instead of treating N bins as unrelated words.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+GRID_FREQ = 4  # image-token cells: periods 2, 1, 1/2, 1/4 of the image side (cells are 1/7 apart)
+BOX_FREQ = 8  # box geometry: down to a period of 1/64 (relations between nearby small boxes)
+
+
+def fourier(coords: torch.Tensor, n_freq: int = BOX_FREQ) -> torch.Tensor:
+    """`[..., k]` coordinates in [0, 1] -> `[..., k * 2 * n_freq]` (per coordinate: sines then cosines)."""
+    freqs = math.pi * (2.0 ** torch.arange(n_freq, dtype=coords.dtype, device=coords.device))
+    x = coords[..., None] * freqs  # [..., k, F]
+    return torch.cat([torch.sin(x), torch.cos(x)], dim=-1).flatten(-2)
+
+
+def cell_centres(grid: tuple[int, int]) -> torch.Tensor:
+    """Normalized (x, y) centres `[gh * gw, 2]` of a row-major grid of (gh, gw) cells."""
+    gh, gw = grid
+    ys = (torch.arange(gh, dtype=torch.float32) + 0.5) / gh
+    xs = (torch.arange(gw, dtype=torch.float32) + 0.5) / gw
+    return torch.stack([xs.repeat(gh), ys.repeat_interleave(gw)], dim=-1)
+
+
+class GridPosition(nn.Module):
+    """Learned map of each grid cell's Fourier-encoded centre to the hidden size: `forward()` -> `[N, d]`,
+    added to the projected image tokens. The cell centres are a buffer, so the exported graph holds them as
+    constants (no new input)."""
+
+    def __init__(self, hidden: int, grid: tuple[int, int], n_freq: int = GRID_FREQ, scale: float = 1.0):
+        super().__init__()
+        self.n_freq = n_freq
+        self.register_buffer("basis", fourier(cell_centres(tuple(grid)), n_freq), persistent=False)  # [N, 4F]
+        self.linear = nn.Linear(4 * n_freq, hidden, bias=False)
+        nn.init.normal_(self.linear.weight, std=scale / math.sqrt(4 * n_freq))
+
+    def forward(self) -> torch.Tensor:
+        return self.linear(self.basis)
+
+
+class BoxGeometry(nn.Module):
+    """`boxes [R, 4]` normalized (x1, y1, x2, y2) -> `[R, d]`: Fourier features of the centre and the size,
+    plus log width, log height and log area (sizes span 1/100 to 1 of the image), through a small MLP."""
+
+    def __init__(self, hidden: int, n_freq: int = BOX_FREQ):
+        super().__init__()
+        self.n_freq = n_freq
+        self.mlp = nn.Sequential(nn.Linear(8 * n_freq + 3, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    def forward(self, boxes: torch.Tensor) -> torch.Tensor:
+        x1, y1, x2, y2 = boxes.unbind(-1)
+        w, h = (x2 - x1).clamp(min=0.0), (y2 - y1).clamp(min=0.0)
+        centre_size = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, w, h], dim=-1)
+        logs = torch.log(torch.stack([w, h, w * h], dim=-1).clamp(min=1e-4)) / math.log(1e4)  # [-1, 0]
+        return self.mlp(torch.cat([fourier(centre_size, self.n_freq), logs], dim=-1))
+
+
+def loc_rows(n_bins: int, mean: torch.Tensor, scale: float, position: GridPosition | None = None,
+             seed: int = 0) -> torch.Tensor:
+    """Initial embedding rows `[n_bins, d]` for `<loc_0>`..`<loc_{n_bins-1}>` (chatspot-loc-v1): the mean token
+    embedding plus a map of the Fourier features of each bin's centre (k + 0.5) / n_bins, scaled to RMS
+    `scale` per row. The map is the image tokens' own position map when `position` is given (its x and y
+    halves summed: a `<loc_k>` row then points the same way as the position code of the image cells at
+    coordinate k, on either axis), else a fixed random projection. Either way adjacent bins start similar
+    and distant bins dissimilar, so the tied output head spreads probability over neighbouring bins."""
+    n_freq = position.n_freq if position is not None else GRID_FREQ
+    centres = (torch.arange(n_bins, dtype=torch.float32) + 0.5) / n_bins
+    feats = fourier(centres[:, None], n_freq)  # [n_bins, 2F]
+    if position is not None:
+        w = position.linear.weight.detach().float()  # [d, 4F]: x features, then y features
+        proj = (w[:, : 2 * n_freq] + w[:, 2 * n_freq:]).T
+    else:
+        g = torch.Generator().manual_seed(seed)
+        proj = torch.randn(2 * n_freq, mean.shape[-1], generator=g)
+    rows = feats @ proj
+    rows = rows - rows.mean(0, keepdim=True)  # the shared part is the mean embedding's job
+    rows = rows / rows.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6) * scale
+    return mean.to(rows.dtype)[None, :] + rows
