@@ -282,12 +282,13 @@ def test_distill_kill_and_resume_matches_uninterrupted(spot, teacher, tmp_path):
     log = json.loads((tmp_path / "full" / "training_log.json").read_text())["losses"]
     assert len(log) == 8 and all(x[0] == 2 for x in log)
     # the cross-entropy-only baseline from the same pruned student, and through the cache
-    ce = _distill(spot, teacher, tmp_path / "ce", "--student", str(tmp_path / "full.pruned"), "--kd-weight", "0")
+    ce = _distill(spot, teacher, tmp_path / "ce", "--student", str(tmp_path / "full.pruned"), "--kd-weight", "0",
+                  "--steps", "2")
     assert ce.returncode == 0, ce.stderr[-2000:]
     assert json.loads((tmp_path / "ce" / "config.json").read_text())["provenance"]["adapt"]["objective"]["objective"] \
         == "answer cross-entropy"
     cached = _distill(spot, teacher, tmp_path / "kc", "--student", str(tmp_path / "full.pruned"),
-                      "--teacher-cache", str(tmp_path / "cache"), "--top-k", "16")
+                      "--teacher-cache", str(tmp_path / "cache"), "--top-k", "16", "--steps", "2")
     assert cached.returncode == 0, cached.stderr[-2000:]
     assert "teacher cache" in cached.stderr and list((tmp_path / "cache").glob("chunk-*.safetensors"))
 
