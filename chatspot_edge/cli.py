@@ -124,6 +124,7 @@ def distill(
     fsdp: bool = typer.Option(False, help="under torchrun: FSDP2 for the student instead of DDP"),
     precision: str = typer.Option("auto", help="bf16, fp32 or auto (bf16 where the hardware multiplies bf16 "
                                                "natively)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (as adapt's --device)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Prune the teacher's LLM (depth + width, by importance on referring data) into a student at most
@@ -136,7 +137,8 @@ def distill(
         minutes=minutes, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr_llm=lr_llm, lr_proj=lr_proj,
         temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, hidden_weight=hidden_weight,
         teacher_cache=teacher_cache, top_k=top_k, cache_max_mb=cache_max_mb, eval_every=eval_every,
-        eval_samples=eval_samples, save_every=save_every, resume=resume, fsdp=fsdp, precision=precision, seed=seed))
+        eval_samples=eval_samples, save_every=save_every, resume=resume, fsdp=fsdp, precision=precision, device=device,
+        seed=seed))
     if res.get("prune"):
         s = res["prune"]["summary"]
         typer.echo(f"student: {s['n_layers']} blocks {s['blocks']}, FFN {s['ffn']}, {s['n_head']}/{s['n_head_kv']} "

@@ -78,6 +78,7 @@ class DistillOptions:
     seed: int = 0
     max_tokens: int = 320
     precision: str = "auto"  # autocast of training, importance and cache: bf16 / fp32 / auto (adapt's rule)
+    device: str | None = None  # cpu, cuda or auto (adapt's --device); under torchrun: the rank's device
     quiet: bool = False
 
 
@@ -368,7 +369,7 @@ def _calibration_batches(model: ChatSpotModel, tok, data: Path, n: int, seed: in
     return out
 
 
-def prune_teacher(opts: DistillOptions, out: Path) -> dict:
+def prune_teacher(opts: DistillOptions, out: Path, device: str = "cpu") -> dict:
     """Measure importance on referring data, choose the plan, write the pruned student to `out` (a checkpoint
     with `prune.json`). Returns prune.json's content."""
     from chatspot_edge.model.checkpoint import load_checkpoint, save_checkpoint
@@ -378,16 +379,18 @@ def prune_teacher(opts: DistillOptions, out: Path) -> dict:
 
     t0 = time.perf_counter()
     teacher, tok = load_checkpoint(opts.teacher)
+    teacher.to(device)
     shape = LlamaShape.of(teacher.llm.config)
     keep = parse_keep_blocks(opts.keep_blocks)
     torch.manual_seed(opts.seed)
-    batches = _calibration_batches(teacher, tok, opts.data, opts.calib_samples, opts.seed, opts.max_tokens)
-    bf16 = resolve_precision("cpu", opts.precision) == "bf16"
+    batches = [{k: v.to(device) for k, v in b.items()} for b in
+               _calibration_batches(teacher, tok, opts.data, opts.calib_samples, opts.seed, opts.max_tokens)]
+    bf16 = resolve_precision(device, opts.precision) == "bf16"
     with task_progress("importance") as progress:
         imp = measure_importance(teacher, batches, opts.depth_metric, autocast=torch.bfloat16 if bf16 else None,
                                  progress=progress)
     plan = choose_plan(imp, shape, keep, opts.ffn_ratio, opts.kv_groups, opts.max_params, opts.depth_metric)
-    student = student_from_teacher(teacher, plan)
+    student = student_from_teacher(teacher.cpu(), plan)
     summary = plan_summary(plan, shape)
     assert summary["non_embedding_params"] == non_embedding_params(student.llm)
     info = {
@@ -427,7 +430,7 @@ def distill(opts: DistillOptions) -> dict:
         raise InputError("loss weights must be >= 0 and the temperature > 0")
     if opts.kd_weight == opts.ce_weight == opts.hidden_weight == 0:
         raise InputError("all loss weights are 0: nothing to train")
-    world, rank, _ = init_distributed()
+    world, rank, device = init_distributed(opts.device)
 
     student_path = opts.student
     info = None
@@ -436,7 +439,7 @@ def distill(opts: DistillOptions) -> dict:
         done = student_path / PRUNE_FILE
         if not (opts.resume and done.is_file()):
             if rank == 0:
-                info = prune_teacher(opts, student_path)
+                info = prune_teacher(opts, student_path, device)
                 _log(opts, f"pruned: {info['summary']} in {info['seconds']:.0f}s -> {student_path}")
             else:
                 _wait_for(done)
@@ -460,7 +463,7 @@ def distill(opts: DistillOptions) -> dict:
     if opts.kd_weight > 0 and opts.teacher_cache is not None:
         if opts.steps is None:
             raise InputError("--teacher-cache needs --steps (the cache holds the records the run draws)")
-        cache = _prepare_cache(opts, batch_size, rank, world)
+        cache = _prepare_cache(opts, batch_size, rank, world, device)
     if need_teacher:
         teacher, _ = load_checkpoint(opts.teacher)
     block_map = info["block_map"] if info else None
@@ -474,14 +477,14 @@ def distill(opts: DistillOptions) -> dict:
                          lr_proj=opts.lr_proj if opts.lr_proj is not None else lr_llm,
                          eval_every=opts.eval_every, eval_samples=opts.eval_samples, save_every=opts.save_every,
                          resume=opts.resume, fsdp=opts.fsdp, seed=opts.seed, region_align=opts.region_align,
-                         max_tokens=opts.max_tokens, precision=opts.precision, quiet=opts.quiet)
+                         max_tokens=opts.max_tokens, precision=opts.precision, device=opts.device, quiet=opts.quiet)
     result = adapt(aopts, objective=objective)
     result["prune"] = info
     result["pruned"] = student_path
     return result
 
 
-def _prepare_cache(opts: DistillOptions, batch_size: int, rank: int, world: int) -> TeacherCache:
+def _prepare_cache(opts: DistillOptions, batch_size: int, rank: int, world: int, device: str) -> TeacherCache:
     """Build (where missing) and load the teacher's top-k cache for the records this run draws."""
     import torch.distributed as dist
 
@@ -493,6 +496,7 @@ def _prepare_cache(opts: DistillOptions, batch_size: int, rank: int, world: int)
                          cache_key(opts.teacher, opts.data, opts.max_tokens, opts.temperature))
     records = load_split(opts.data, "train")
     teacher, tok = load_checkpoint(opts.teacher)
+    teacher.to(device)
     order = Batches(records, opts.data, Processor(tok, teacher.config), teacher.config.vision.image_size, opts.seed,
                     opts.max_tokens)
     needed = order.next_indices(opts.steps * batch_size)

@@ -81,8 +81,9 @@ def measure_importance(model: ChatSpotModel, batches: list[dict], depth_metric: 
                        autocast: torch.dtype | None = torch.bfloat16,
                        progress: Callable[[int, int], None] | None = None) -> Importance:
     """Importance of every block, FFN channel and GQA group of `model.llm` on `batches` (collated training
-    batches: input_ids, attention_mask, labels, pixels, boxes, box_batch). `depth_metric` "loss" adds one
-    pass per block (the skip losses); "bi" needs the statistics pass only."""
+    batches on the model's device: input_ids, attention_mask, labels, pixels, boxes, box_batch, ...).
+    `depth_metric` "loss" adds one pass per block (the skip losses); "bi" needs the statistics pass only.
+    `autocast`: the dtype of autocast (None: off)."""
     if depth_metric not in DEPTH_METRICS:
         raise InputError(f"depth metric {depth_metric!r}: choose from {', '.join(DEPTH_METRICS)}")
     model.eval()
@@ -129,7 +130,8 @@ def measure_importance(model: ChatSpotModel, batches: list[dict], depth_metric: 
         handles.append(layer.register_forward_hook(on_block(i)))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(on_down(i)))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(on_o_proj(i)))
-    ctx = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast is not None else (lambda: torch.autocast("cpu", enabled=False))
+    kind = next(model.parameters()).device.type
+    ctx = lambda: torch.autocast(kind, dtype=autocast or torch.bfloat16, enabled=autocast is not None)  # noqa: E731
     steps = len(batches) * (1 + (L if depth_metric == "loss" else 0))
     done = 0
     total_loss, n_samples = 0.0, 0
