@@ -325,3 +325,25 @@ def test_distill_under_torchrun_keeps_replicas_identical(spot, teacher, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert Path(str(out) + ".rank0").read_text() == Path(str(out) + ".rank1").read_text()
     assert (out / "model.safetensors").is_file() and (tmp_path / "ddp.pruned" / "prune.json").is_file()
+
+
+def test_a_llava_teacher_prunes_to_a_checkpoint_of_ours(tmp_path):
+    """A Hugging Face LLaVA folder (CLIP tower, Llama LLM without an explicit head_dim) is a teacher too: the
+    student keeps its tower and projector, and saves / loads as our checkpoint."""
+    from tests.test_llava_import import _tiny_llava
+
+    _, folder = _tiny_llava(tmp_path, "clip", "default", -2)
+    teacher, tok = load_checkpoint(folder)
+    shape = LlamaShape.of(teacher.llm.config)
+    plan = PrunePlan(blocks=[0], ffn_channels=[list(range(0, shape.ffn, 2))], kv_groups=[[1]])
+    student = student_from_teacher(teacher, plan)
+    ckpt = save_checkpoint(student, tok, tmp_path / "student")
+    again, _ = load_checkpoint(ckpt)
+    assert again.llm.config.num_hidden_layers == 1 and again.llm.config.head_dim == shape.head_dim == 12
+    t, s = teacher.state_dict(), again.state_dict()
+    assert all(torch.equal(t[k], s[k]) for k in t if k.startswith(("vision.", "projector.")))
+    proc = Processor(tok, again.config)
+    enc = proc.encode_prompt("What is in <box>[0.100,0.200,0.450,0.610]</box>?")
+    pixels = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.isfinite(again(torch.tensor([enc.ids]), pixels=pixels).logits).all()
