@@ -23,8 +23,13 @@ def test_pipeline_runs_every_stage_on_tiny(tmp_path):
     assert report["combinations"] and report["targets"]
     bench = json.loads((out / "tiny-bench.json").read_text())
     assert len(bench["variants"]) >= 4 and bench["machine"]
-    for k in ("adapt", "eval_checkpoint", "export", "eval_bundle", "quantize", "quant_report", "bench"):
+    for k in ("adapt", "eval_checkpoint", "export", "eval_bundle", "quantize", "quant_report", "bench", "distill",
+              "eval_student", "export_student", "bench_student"):
         assert r["timings"][k] > 0, k
+    # the distilled student: at most half the LLM's non-embedding parameters, exported with Q4_K_M, benchmarked
+    assert r["distill"]["prune"]["ratio"] <= 0.5 and set(r["distill"]["metrics"]) == set(METRIC_KEYS)
+    assert "Q4_K_M" in verify_bundle(out / "tiny-student-bundle")["llm_variants"]
+    assert r["distill"]["bench"]["student"]["decode_tok_s"] > 0
     # a second run reuses what exists (the checkpoint is not retrained)
     again = run_pipeline("tiny", out, minutes=0.05, n_train=48, n_test=16)
-    assert "adapt" not in again["timings"]
+    assert "adapt" not in again["timings"] and "distill" not in again["timings"]
