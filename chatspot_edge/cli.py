@@ -100,6 +100,69 @@ def adapt(
     run_adapt(opts)
 
 
+@app.command()
+def distill(
+    teacher: Path = typer.Option(..., help="trained checkpoint to prune and distil from"),
+    data: Path = typer.Option(..., help="SpotWorld (or any LLaVA-style JSONL) folder: calibration and training"),
+    out: Path = typer.Option(..., help="student checkpoint folder (the pruned student, before recovery, goes to "
+                                       "OUT.pruned)"),
+    keep_blocks: Optional[str] = typer.Option(None, "--keep-blocks", help="N (the N most important blocks) or "
+                                                                           "the teacher blocks, e.g. 0,1,2,5,9"),
+    ffn_ratio: Optional[float] = typer.Option(None, "--ffn-ratio", help="FFN width kept, a fraction of the "
+                                                                        "teacher's (default: the widest that fits)"),
+    kv_groups: Optional[int] = typer.Option(None, "--kv-groups", help="GQA groups (key/value heads) kept per block"),
+    max_params: float = typer.Option(0.5, "--max-params", help="student / teacher non-embedding LLM parameters"),
+    depth_metric: str = typer.Option("loss", "--depth-metric", help="loss (skip-one-block answer loss) or bi "
+                                                                    "(ShortGPT block influence)"),
+    calib_samples: int = typer.Option(64, "--calib-samples", help="training records the importance is measured on"),
+    student: Optional[Path] = typer.Option(None, "--student", help="start from this pruned student instead of "
+                                                                   "pruning (e.g. another run's OUT.pruned)"),
+    minutes: Optional[float] = typer.Option(None, help="training budget (default: the preset's adapt budget)"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps (overrides --minutes; 0: prune only)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    lr_llm: Optional[float] = typer.Option(None, "--lr-llm", help="LLM learning rate (default: the preset's)"),
+    lr_proj: Optional[float] = typer.Option(None, "--lr-proj", help="projector + region encoder LR (default: "
+                                                                    "--lr-llm)"),
+    temperature: float = typer.Option(2.0, help="distillation temperature"),
+    kd_weight: float = typer.Option(1.0, "--kd-weight", help="weight of KL(teacher || student); 0: CE only"),
+    ce_weight: float = typer.Option(1.0, "--ce-weight", help="weight of the cross-entropy on the labels"),
+    hidden_weight: float = typer.Option(0.0, "--hidden-weight", help="weight of hidden-state matching on kept blocks"),
+    teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="folder of the teacher's top-k "
+                                                                               "logits (built when missing)"),
+    top_k: int = typer.Option(32, "--top-k", help="teacher logits kept per position in the cache"),
+    cache_max_mb: float = typer.Option(2048, "--cache-max-mb", help="refuse a cache larger than this"),
+    eval_every: int = typer.Option(0, "--eval-every"),
+    eval_samples: int = typer.Option(200, "--eval-samples"),
+    save_every: int = typer.Option(100, "--save-every"),
+    resume: bool = typer.Option(False, help="continue: reuse OUT.pruned, resume training from OUT.train-state"),
+    fsdp: bool = typer.Option(False, help="under torchrun: FSDP2 for the student instead of DDP"),
+    precision: str = typer.Option("auto", help="bf16, fp32 or auto (bf16 where the hardware multiplies bf16 "
+                                               "natively)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (as adapt's --device)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Prune the teacher's LLM (depth + width, by importance on referring data) into a student at most
+    --max-params of its size, then recover it by knowledge distillation (adapt's training loop)."""
+    from chatspot_edge.train.distill import DistillOptions, distill as run_distill
+
+    res = run_distill(DistillOptions(
+        teacher=teacher, data=data, out=out, student=student, keep_blocks=keep_blocks, ffn_ratio=ffn_ratio,
+        kv_groups=kv_groups, max_params=max_params, depth_metric=depth_metric, calib_samples=calib_samples,
+        minutes=minutes, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr_llm=lr_llm, lr_proj=lr_proj,
+        temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, hidden_weight=hidden_weight,
+        teacher_cache=teacher_cache, top_k=top_k, cache_max_mb=cache_max_mb, eval_every=eval_every,
+        eval_samples=eval_samples, save_every=save_every, resume=resume, fsdp=fsdp, precision=precision, device=device,
+        seed=seed))
+    if res.get("prune"):
+        s = res["prune"]["summary"]
+        typer.echo(f"student: {s['n_layers']} blocks {s['blocks']}, FFN {s['ffn']}, {s['n_head']}/{s['n_head_kv']} "
+                   f"heads: {s['non_embedding_params'] / 1e6:.2f} M non-embedding LLM parameters "
+                   f"({s['ratio']:.1%} of the teacher's); pruned: {res['pruned']}")
+    if res.get("steps"):
+        typer.echo(f"wrote {out} ({res['steps']} steps, {res['seconds'] / 60:.1f} min)")
+
+
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Argument(..., help="checkpoint folder or bundle folder"),

@@ -23,7 +23,7 @@ def _step(name: str) -> None:
 
 def run_pipeline(preset: str = "mini", out: Path = Path("runs/demo"), minutes: float | None = None,
                  n_train: int = 10000, n_test: int = 1000, seed: int = 0, quantize: bool = True,
-                 bench: bool = True) -> dict:
+                 bench: bool = True, distill: bool = True, distill_minutes: float | None = None) -> dict:
     from chatspot_edge.data import generate, load_split
     from chatspot_edge.evaluation import evaluate_path
     from chatspot_edge.progress import task_progress
@@ -106,9 +106,17 @@ def run_pipeline(preset: str = "mini", out: Path = Path("runs/demo"), minutes: f
             timed("bench", lambda: run_bench(bundle, bench_json, repeats=3))  # the runtime's own thread choice
         bench_table = format_table(json.loads(bench_json.read_text()))
 
+    distilled = None
+    if distill:
+        _step("9. distill: prune the LLM to at most half its size, recover by knowledge distillation, export")
+        distilled = _distill_demo(preset, out, data, ckpt, ckpt_result, bundle, seed, timed, bench,
+                                  DISTILL_MINUTES.get(preset, 3.0) if distill_minutes is None else distill_minutes)
+
     _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bundle, report, bench_table, quant_result)
+    if distilled is not None:
+        print(distilled["table"], file=sys.stderr)
     return {"checkpoint_eval": ckpt_result["metrics"], "bundle_eval": bundle_result["metrics"], "parity": parity,
-            "timings": timings}
+            "timings": timings, **({"distill": distilled} if distilled is not None else {})}
 
 
 def _ask_demo(bundle: Path, data: Path, records: list[dict]) -> list[tuple]:
@@ -193,3 +201,60 @@ def _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bu
         console.print("\nbenchmark (this machine):")
         console.print(bench_table)
     console.print(f"\nbundle: {bundle}  (try: chatspot-edge chat {bundle} IMAGE)")
+
+
+DISTILL_MINUTES = {"tiny": 0.05, "mini": 3.0, "smol": 20.0}  # the demo's distillation budget
+
+
+def _distill_demo(preset: str, out: Path, data: Path, ckpt: Path, teacher_eval: dict, teacher_bundle: Path, seed: int,
+                  timed, bench: bool, minutes: float) -> dict:
+    """Prune + distil the trained checkpoint into a student (train.distill, default plan: at most half the
+    LLM's non-embedding parameters), evaluate it, export it with a Q4_K_M variant and benchmark that against
+    the teacher's Q4_K_M. Returns the student's metrics and a Markdown table (teacher vs student)."""
+    from chatspot_edge.evaluation import evaluate_path
+    from chatspot_edge.export import export_bundle
+    from chatspot_edge.quantize import quantize_bundle
+    from chatspot_edge.train.distill import DistillOptions, distill
+
+    student, sbundle = out / f"{preset}-student-ckpt", out / f"{preset}-student-bundle"
+    if not (student / "config.json").is_file():
+        timed("distill", lambda: distill(DistillOptions(teacher=ckpt, data=data, out=student, minutes=minutes,
+                                                        resume=True, seed=seed)))
+    s_eval = out / f"{preset}-student-ckpt-eval.json"
+    if not s_eval.is_file():
+        timed("eval_student", lambda: evaluate_path(student, data, s_eval))
+    s_result = json.loads(s_eval.read_text())
+    if not (sbundle / "manifest.json").is_file():
+        timed("export_student", lambda: export_bundle(student, sbundle, llm_dtype="f16"))
+    for b in (teacher_bundle, sbundle):  # a no-op where the variant exists
+        quantize_bundle(b, llm="q4_k_m", data=data)
+    speed = {}
+    if bench:
+        from chatspot_edge.benchmarks import run_bench
+
+        for name, b in (("teacher", teacher_bundle), ("student", sbundle)):
+            path = out / f"{preset}-{name}-q4km-bench.json"
+            if not path.is_file():
+                timed(f"bench_{name}", lambda b=b, path=path: run_bench(b, path, variants="Q4_K_M", threads=(2,),
+                                                                        repeats=3))
+            speed[name] = json.loads(path.read_text())["variants"][0]
+    prune = json.loads((student.with_name(student.name + ".pruned") / "prune.json").read_text())["summary"]
+    train = json.loads((student / "config.json").read_text())["provenance"].get("adapt", {})
+
+    def row(name: str, params: int, metrics: dict, v: dict | None) -> str:
+        pct = lambda k: "-" if metrics.get(k) is None else f"{100 * metrics[k]:.1f}%"  # noqa: E731
+        sp = ["-"] * 3 if not v else [f"{v['bytes'] / 1e6:.1f}", f"{v['decode_tok_s']:.1f}", f"{v['ttft_cold_ms']:.1f}"]
+        return (f"| {name} | {params / 1e6:.2f} M | {sp[0]} | {pct('region_recognition')} | {pct('point_qa')} | "
+                f"{pct('hallucination')} | {sp[1]} | {sp[2]} |")
+
+    table = "\n".join([
+        f"{preset} teacher vs distilled student ({prune['n_layers']} blocks, FFN {prune['ffn']}, {prune['n_head']} "
+        f"heads; {train.get('stage2_steps', '?')} steps, {train.get('train_seconds', 0) / 60:.1f} min), test set n="
+        f"{s_result['n']}:",
+        "| model | LLM params (non-embedding) | Q4_K_M bundle MB | region recognition | point QA | hallucination "
+        "| Q4_K_M decode tok/s | cold TTFT ms |",
+        "|---|---|---|---|---|---|---|---|",
+        row("teacher", prune["teacher_non_embedding_params"], teacher_eval["metrics"], speed.get("teacher")),
+        row("student", prune["non_embedding_params"], s_result["metrics"], speed.get("student")),
+    ])
+    return {"metrics": s_result["metrics"], "prune": prune, "bench": speed, "table": table}

@@ -30,7 +30,12 @@ def test_pipeline_runs_every_stage_on_tiny(tmp_path):
     bench = json.loads((out / "tiny-bench.json").read_text())
     assert len(bench["variants"]) >= 4 and bench["machine"]
     assert set(r["timings"]) == {"data", "adapt", "eval_checkpoint", "export", "eval_bundle", "quantize",
-                                 "quant_report", "bench"}  # every stage ran
+                                 "quant_report", "eval_q4km_int8", "bench", "distill", "eval_student",
+                                 "export_student", "bench_teacher", "bench_student"}  # every stage ran
+    # the distilled student: at most half the LLM's non-embedding parameters, exported with Q4_K_M, benchmarked
+    assert r["distill"]["prune"]["ratio"] <= 0.5 and set(r["distill"]["metrics"]) == set(METRIC_KEYS)
+    assert "Q4_K_M" in verify_bundle(out / "tiny-student-bundle")["llm_variants"]
+    assert r["distill"]["bench"]["student"]["decode_tok_s"] > 0
     # a second run reuses what exists: nothing is retrained, re-evaluated, re-exported or re-measured
     again = run_pipeline("tiny", out, minutes=0.05, n_train=48, n_test=16)
     assert set(again["timings"]) == {"data"} and again["parity"] == r["parity"]

@@ -16,6 +16,9 @@ shards parameters, gradients and optimizer moments instead (FSDP2 `fully_shard`:
 layer, the rest at the root), for models that do not fit one device; the same
 batches and the same averaged gradients, so it computes what DDP computes. Checkpoints, resume states and
 evaluations then gather the full weights first.
+
+The loss is an objective object the loop calls on each micro-batch (`AnswerLoss` here; distillation plugs
+`train.distill.DistillObjective`, which holds the teacher, into the same loop, starting from `init`).
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class AdaptOptions:
     device: str | None = None  # cpu, cuda or auto; None: cpu, or cuda when CHATSPOT_DEVICE=cuda and a GPU is present
     deadline: float | None = None  # wall-clock time (time.time()) by which stage 2 ends, if sooner than `minutes`
     lr_llm: float | None = None  # override the preset's LLM (transformer blocks) learning rate
+    lr_proj: float | None = None  # override the preset's projector + region encoder learning rate
     lr_embed: float | None = None  # learning rate of the (tied) token embeddings; default: lr_llm
     embeddings: str = "added"  # which token-embedding rows train in stage 2: "added" (the added tokens' rows
     # only, see train.added_rows) or "all" (the whole 49k-row tied table)
@@ -166,7 +170,8 @@ class Batches:
         boxes = torch.tensor([bx for e in encs for bx in e.boxes], dtype=torch.float32).reshape(-1, 4)
         box_batch = torch.tensor([b for b, e in enumerate(encs) for _ in e.boxes], dtype=torch.long)
         out = dict(input_ids=ids, attention_mask=mask, labels=labels, boxes=boxes, box_batch=box_batch,
-                   pixels=torch.from_numpy(np.stack(pix)), n_tokens=torch.tensor(sum(len(e.ids) for e in encs)))
+                   pixels=torch.from_numpy(np.stack(pix)), n_tokens=torch.tensor(sum(len(e.ids) for e in encs)),
+                   index=torch.tensor(indices, dtype=torch.long))
         if self.turns:
             out.update(turn_masks(encs, T))
         if want_crops:
@@ -431,8 +436,65 @@ def _added_rows(model: ChatSpotModel) -> list[int]:
     return [c.image_token_id, c.box_start_id, c.box_end_id, c.region_token_id, *loc_token_ids(model)]
 
 
-def adapt(opts: AdaptOptions) -> dict:
-    """Train; write the checkpoint to `opts.out` atomically. Returns a summary (steps, time, losses)."""
+class AnswerLoss:
+    """The training objective of adapt: cross-entropy on answer tokens (per sample first, `per_sample`), plus
+    the region-text alignment loss with weight `region_align`.
+
+    An objective is what the loop calls for a micro-batch's loss: `objective(model, features, batch) ->
+    (loss, parts)`, with `features` the frozen vision encoder's output for `batch["pixels"]` and `batch` the
+    collated micro-batch (`index`: the records' positions in the training split); `parts` are floats for the
+    progress line. `to(device)` moves whatever it holds besides the model; `describe()` goes into the
+    checkpoint's provenance. Other objectives (train.distill.DistillObjective) plug into the same loop."""
+
+    def __init__(self, per_sample: bool = True, region_align: float = 1.0):
+        self.per_sample, self.region_align = per_sample, region_align
+
+    def to(self, device) -> "AnswerLoss":
+        return self
+
+    def output(self, model: ChatSpotModel, features: torch.Tensor, batch: dict,
+               region_share: float = 1.0) -> ChatSpotOutput:
+        """The model's training forward on the micro-batch: loss, and logits at the answer positions.
+        `region_share` scales the alignment weight (the micro-batch's share of the step's regions)."""
+        batch = {k: v for k, v in batch.items() if k != "index"}
+        return model(image_embeds=model.project(features), per_sample=self.per_sample,
+                     region_align=self.region_align * region_share, **batch)
+
+    def __call__(self, model: ChatSpotModel, features: torch.Tensor, batch: dict,
+                 region_share: float = 1.0) -> tuple[torch.Tensor, dict]:
+        return self.output(model, features, batch, region_share).loss, {}
+
+    def describe(self) -> dict:
+        return {"objective": "answer cross-entropy", "per_sample": self.per_sample, "region_align": self.region_align}
+
+
+def init_distributed(device_option: str | None = None) -> tuple[int, int, str]:
+    """(world size, rank, device). Under torchrun: joins the process group (nccl on GPUs, gloo on CPUs) once;
+    a CPU rank takes its share of the cores. Alone: `device_option` (cpu, cuda or auto; see
+    `chatspot_edge.devices.resolve_device`), else the CPU, or CUDA with CHATSPOT_DEVICE=cuda."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = "cpu"
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if dist.get_backend() == "nccl":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    elif device_option is not None:
+        from chatspot_edge.devices import resolve_device
+
+        device = resolve_device(device_option)
+    elif torch.cuda.is_available() and os.environ.get("CHATSPOT_DEVICE", "") == "cuda":
+        device = "cuda"
+    return world, rank, device
+
+
+def adapt(opts: AdaptOptions, objective=None) -> dict:
+    """Train; write the checkpoint to `opts.out` atomically. Returns a summary (steps, time, losses).
+    `objective`: the loss the loop minimizes (default `AnswerLoss` from the options; see `AnswerLoss`)."""
     from chatspot_edge.data import load_split
 
     if opts.preset not in PRESET_DEFAULTS:
@@ -440,6 +502,8 @@ def adapt(opts: AdaptOptions) -> dict:
     d = dict(PRESET_DEFAULTS[opts.preset])
     if opts.lr_llm is not None:
         d["lr_llm"] = opts.lr_llm
+    if opts.lr_proj is not None:
+        d["lr_proj"] = opts.lr_proj
     batch_size = opts.batch_size or d["batch_size"]
     stage1_steps = d["stage1_steps"] if opts.stage1_steps is None else opts.stage1_steps
     if opts.warm_start is not None and opts.stage1_steps is None:
@@ -456,24 +520,8 @@ def adapt(opts: AdaptOptions) -> dict:
     if opts.loc_init is None:
         opts = replace(opts, loc_init=d.get("loc_init", "mean"))
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world, rank, device = init_distributed(opts.device)
     distributed = world > 1
-    device = "cpu"
-    if distributed and not dist.is_initialized():
-        use_cuda = torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        if use_cuda:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-    elif opts.device is not None:
-        from chatspot_edge.devices import resolve_device
-
-        device = resolve_device(opts.device)
-    elif torch.cuda.is_available() and os.environ.get("CHATSPOT_DEVICE", "") == "cuda":
-        device = "cuda"
-    if device == "cpu" and distributed:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if batch_size % (world * opts.grad_accum):
         raise InputError(f"--batch-size {batch_size} must be divisible by world size x grad-accum ({world}x{opts.grad_accum})")
     micro = batch_size // (world * opts.grad_accum)
@@ -511,13 +559,16 @@ def adapt(opts: AdaptOptions) -> dict:
     elif opts.embeddings != "all":
         raise InputError(f"--embeddings must be 'added' or 'all', got {opts.embeddings!r}")
     model.to(device)
+    if objective is None:
+        objective = AnswerLoss(opts.per_sample_loss, opts.region_align)
+    objective.to(device)
     sharded = None
     if opts.fsdp:
         if not distributed:
             raise InputError("--fsdp shards over the processes of torchrun (WORLD_SIZE > 1); run it under torchrun")
         if opts.lora:
             raise InputError("--fsdp with --lora is not supported: LoRA adapters are small enough for DDP")
-        sharded = _shard(model)
+        sharded = _shard(model, objective)
     proc = Processor(tok, model.config)
     data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, max_tokens, turns)
     data1 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed + 1, max_tokens, turns)
@@ -539,12 +590,12 @@ def adapt(opts: AdaptOptions) -> dict:
     autocast = _autocast(device, opts.precision)
     model.vision.eval()  # frozen, BatchNorm in inference mode
 
-    def train_step(data: Batches, opt: torch.optim.Optimizer, factor: float) -> tuple[float, int]:
+    def train_step(data: Batches, opt: torch.optim.Optimizer, factor: float) -> tuple[float, int, dict]:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         global_idx = data.next_indices(batch_size)
         mine = global_idx[rank::world]
-        total_loss, n_tok = 0.0, 0
+        total_loss, n_tok, parts = 0.0, 0, {}
         micro_batches = [data.collate(mine[a * micro:(a + 1) * micro]) for a in range(opts.grad_accum)]
         # The region-text alignment loss is a mean over a micro-batch's regions; weighted by the micro-batch's
         # share of the global batch's regions, the accumulated (and rank-averaged) gradients are those of one
@@ -557,30 +608,32 @@ def adapt(opts: AdaptOptions) -> dict:
         for a, micro_batch in enumerate(micro_batches):
             batch = {k: v.to(device) for k, v in micro_batch.items()}
             n_tok += int(batch.pop("n_tokens"))
-            align = opts.region_align * n_regions[a] * opts.grad_accum * world / max(1, int(all_regions))
+            region_share = n_regions[a] * opts.grad_accum * world / max(1, int(all_regions))
             last = a == opts.grad_accum - 1
             if sharded is not None:
                 sharded.set_requires_gradient_sync(last)  # FSDP: reduce-scatter once per optimizer step
             sync = contextlib.nullcontext() if (last or not distributed or sharded is not None) else fwd.no_sync()
             with sync:
                 with autocast:
-                    out = fwd(per_sample=opts.per_sample_loss, region_align=align, **batch)
-                (out.loss / opts.grad_accum).backward()
-            total_loss += float(out.loss.detach()) / opts.grad_accum
+                    loss = fwd(region_share=region_share, **batch)
+                (loss / opts.grad_accum).backward()
+            total_loss += float(loss.detach()) / opts.grad_accum
+            for k, v in (fwd.module if hasattr(fwd, "module") else fwd).parts.items():
+                parts[k] = parts.get(k, 0.0) + v / opts.grad_accum
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return total_loss, n_tok * world
+        return total_loss, n_tok * world, parts
 
     def wrap() -> torch.nn.Module:
         """The forward module for the current trainable set (DDP registers its hooks at construction)."""
         if sharded is not None:
             return sharded
         if not distributed:
-            return _Forward(model)
+            return _Forward(model, objective)
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(_Forward(model), find_unused_parameters=True)
+        return DistributedDataParallel(_Forward(model, objective), find_unused_parameters=True)
 
     fwd = None
     t_start = time.perf_counter() - meta.get("elapsed", 0.0)
@@ -593,7 +646,7 @@ def adapt(opts: AdaptOptions) -> dict:
         model.train(); model.vision.eval()
         fwd = wrap()
         while meta["step"] < stage1_steps:
-            loss, _ = train_step(data1, opt, lr_factor(meta["step"], stage1_steps, max(1, stage1_steps // 10)))
+            loss, _, _ = train_step(data1, opt, lr_factor(meta["step"], stage1_steps, max(1, stage1_steps // 10)))
             meta["step"] += 1
             meta["losses"].append([1, meta["step"], round(loss, 4)])
             if meta["step"] % 10 == 0 or meta["step"] == stage1_steps:
@@ -616,7 +669,7 @@ def adapt(opts: AdaptOptions) -> dict:
     steps_here, t_step1 = 0, t2  # stage-2 steps of this process; the end of its first (warm-up) step
     while total is None or meta["step"] < total:
         warm = max(1, int(opts.warmup * (total or 1000)))
-        loss, n_tok = train_step(data2, opt, lr_factor(meta["step"], total or 1000, warm))
+        loss, n_tok, parts = train_step(data2, opt, lr_factor(meta["step"], total or 1000, warm))
         meta["step"] += 1
         steps_here += 1
         t_step1 = time.perf_counter() if steps_here == 1 else t_step1
@@ -657,7 +710,8 @@ def adapt(opts: AdaptOptions) -> dict:
         if now - last_print > 5 or meta["step"] == total:
             rate = tokens_seen / max(now - t_last, 1e-9)
             eta = (total - meta["step"]) * (now - t2) / max(1, meta["step"]) if total else float("nan")
-            _log(opts, rank, f"stage 2 step {meta['step']}/{total or '?'} loss {loss:.3f} "
+            shown = "".join(f" {k} {v:.3f}" for k, v in parts.items())
+            _log(opts, rank, f"stage 2 step {meta['step']}/{total or '?'} loss {loss:.3f}{shown} "
                              f"{rate:,.0f} tok/s {batch_size * meta['step'] / (now - t2):.1f} samples/s ETA {eta:.0f}s")
             last_print = now
         if opts.eval_every and meta["step"] % opts.eval_every == 0:
@@ -690,6 +744,7 @@ def adapt(opts: AdaptOptions) -> dict:
         model.config.provenance = dict(model.config.provenance, adapt={
             "data": str(opts.data), "stage1_steps": stage1_steps, "stage2_steps": meta["step"],
             "batch_size": batch_size, "train_seconds": round(elapsed, 1), "lora": opts.lora, "seed": opts.seed,
+            "objective": objective.describe(),
             **({"warm_start": warm_start} if warm_start else {})})
         log = {"losses": meta["losses"], "evals": meta["evals"], "train_seconds": elapsed}
         save_checkpoint(model.cpu(), tok, opts.out, extra_files={"training_log.json": json.dumps(log)})
@@ -701,14 +756,14 @@ def adapt(opts: AdaptOptions) -> dict:
             "evals": meta["evals"], "model": model}
 
 
-def _shard(model: ChatSpotModel) -> torch.nn.Module:
+def _shard(model: ChatSpotModel, objective) -> torch.nn.Module:
     """FSDP2: one unit per decoder layer and the root (`_Forward`: vision encoder, projector, region encoder,
     embeddings, final norm, tied head)."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.llm.model.layers:
         fully_shard(layer)
-    return fully_shard(_Forward(model))
+    return fully_shard(_Forward(model, objective))
 
 
 def _full_state_dict(sharded: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -738,24 +793,29 @@ def gathered_model(model: ChatSpotModel, sharded: torch.nn.Module | None) -> Cha
 
 
 class _Forward(torch.nn.Module):
-    """The training forward: the frozen vision encoder without a graph, then projector + region encoder + LLM
-    (`pixels` also feed the region crops). One module, so DDP and FSDP wrap all of it."""
+    """The training forward: the frozen vision encoder without a graph, then the objective (projector + region
+    encoder + LLM; `pixels` also feed the region crops). One module, so DDP and FSDP wrap all of it; the
+    objective is a plain attribute, so whatever it holds (a teacher) is not wrapped."""
 
-    def __init__(self, model: ChatSpotModel):
+    def __init__(self, model: ChatSpotModel, objective):
         super().__init__()
         self.model = model
+        self.objective = objective
+        self.parts: dict[str, float] = {}
 
-    def forward(self, pixels: torch.Tensor, **batch) -> ChatSpotOutput:
+    def forward(self, pixels: torch.Tensor, region_share: float = 1.0, **batch) -> torch.Tensor:
+        """`region_share`: this micro-batch's share of the optimizer step's regions x micro-batches (see the loop):
+        the region-text alignment weight is scaled by it."""
         with torch.no_grad():
             features = self.model.vision(pixels)
-        out = self.model(image_embeds=self.model.project(features), pixels=pixels, **batch)
+        loss, self.parts = self.objective(self.model, features, dict(batch, pixels=pixels), region_share)
         region = self.model.region
-        if region is not None and batch["boxes"].numel() == 0 and out.loss is not None:
+        if region is not None and batch["boxes"].numel() == 0:
             # no region in this micro-batch: a zero term keeps the region encoder in the graph, so every rank
             # reduces the same gradients (FSDP's reduce-scatter needs that; DDP copes either way, it is built
             # with find_unused_parameters)
-            out.loss = out.loss + 0.0 * sum(p.sum() for p in region.parameters() if p.requires_grad)
-        return out
+            loss = loss + 0.0 * sum(p.sum() for p in region.parameters() if p.requires_grad)
+        return loss
 
 
 def quick_eval(model: ChatSpotModel, tok, data: Path, n: int, precision: str = "auto") -> dict:
