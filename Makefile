@@ -87,8 +87,8 @@ $(NATIVE_DIR)/.built: | $(STAMP)/venv
 demo: setup
 	$(VENV)/bin/chatspot-edge pipeline --preset mini --out $(DEMO_DIR)
 
-test: setup browser
-	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pytest -q tests
+test: setup browser native-arm64
+	CHATSPOT_REQUIRE_ARM64=1 PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pytest -q tests
 
 # The serve page's browser tests drive Debian's Chromium through Playwright, which never downloads a browser.
 CHROMIUM ?= /usr/bin/chromium
@@ -98,3 +98,15 @@ browser:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# 64-bit ARM (phones; docs/phones.md): llama.cpp cross-built with Debian's gcc-aarch64-linux-gnu through
+# cmake/aarch64-linux-gnu.cmake (libllama / libggml* + llama-bench / llama-quantize / llama-imatrix), an arm64
+# Python user land (Debian arm64 packages) with the arm64 wheels of the runtime's dependencies, and qemu-aarch64
+# to run it here. Nothing is installed into the system: Debian's packages are unpacked, and every part is cached
+# under ~/.cache/chatspot-edge/arm64/ by what it depends on (chatspot_edge/arm64.py). The default target is
+# armv8.2-a+dotprod+fp16; `make native-arm64 ARM64_ARCH=armv8-a` builds the fallback for older cores.
+ARM64_ARCH ?= armv8.2-a+dotprod+fp16
+
+.PHONY: native-arm64
+native-arm64: setup
+	$(PY) -m chatspot_edge.arm64 setup --arch $(ARM64_ARCH) >/dev/null

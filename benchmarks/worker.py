@@ -123,7 +123,7 @@ def measure_runtime(job: dict, log) -> dict:
     bundle, threads, repeats = job["bundle"], int(job["threads"]), int(job["repeats"])
     max_tokens = int(job.get("max_tokens", 24))
     res: dict = {"load_ms": []}
-    kw = dict(threads=threads, llm=job.get("llm"), vision=job.get("vision"), verify=False)
+    kw = dict(threads=threads, llm=job.get("llm"), vision=job.get("vision"), verify=False, n_ctx=job.get("n_ctx"))
     t = time.perf_counter()
     engine = Engine.load(bundle, **kw)
     res["load_first_ms"] = _ms(t)
