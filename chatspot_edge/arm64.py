@@ -445,6 +445,9 @@ class Arm64:
         path = [str(self.site)] + ([str(src)] if src else [])
         keep.update({"QEMU_CPU": cpu or ARCHES[self.arch], "QEMU_LD_PREFIX": str(self.userland),
                      "PYTHONPATH": os.pathsep.join(path), "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1",
+                     # the working directory (a checkout holds a chatspot_edge/ without its mapped subpackages)
+                     # must not shadow the source tree on PYTHONPATH
+                     "PYTHONSAFEPATH": "1",
                      "LLAMA_CPP_LIB_PATH": str(self.llama / "lib"), "LD_LIBRARY_PATH": str(self.llama / "lib")})
         return keep
 
