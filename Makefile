@@ -29,8 +29,6 @@ DEMO_DIR ?= runs/demo
 # pieces and runs the qemu checks: wherever Debian's packages can be had (apt-get on an x86-64 host, as on this
 # project's machines and CI); elsewhere those tests skip.
 ARM64_ARCH ?= armv8.2-a+dotprod+fp16
-
-# an x86-64 host: this project's machines and CI); elsewhere those tests skip.
 TEST_ARM64 := $(shell command -v apt-get >/dev/null 2>&1 && [ "$$(uname -m)" = x86_64 ] && echo native-arm64)
 
 .PHONY: setup native demo test clean-venv browser
