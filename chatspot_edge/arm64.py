@@ -317,9 +317,9 @@ def ensure_llama(arch: str = DEFAULT_ARCH, jobs: int | None = None) -> Path:
         t2 = time.monotonic()
         (out / "lib").mkdir()
         (out / "bin").mkdir()
-        for so in Path(bdir).rglob("lib*.so*"):
-            if so.is_file() and not so.is_symlink() and re.match(r"lib(llama|ggml[\w-]*)\.so", so.name):
-                shutil.copy2(so, out / "lib" / so.name)
+        for so in Path(bdir).rglob("lib*.so*"):  # libllama.so -> libllama.so.0 -> libllama.so.0.5.0: links kept
+            if re.match(r"lib(llama|ggml)[\w-]*\.so", so.name):
+                shutil.copy2(so, out / "lib" / so.name, follow_symlinks=False)
         for tool in LLAMA_TARGETS[1:]:
             shutil.copy2(Path(bdir) / "bin" / tool, out / "bin" / tool)
         info = {"llama_cpp_python": LLAMA_CPP_VERSION, "sdist_sha256": LLAMA_CPP_SDIST_SHA256, "arch": arch,
@@ -482,7 +482,24 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--cpu", default=None)
     t.add_argument("name", choices=list(LLAMA_TARGETS[1:]))
     t.add_argument("args", nargs=argparse.REMAINDER)
-    a = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("run", "tool") and not {"-h", "--help"} & set(argv[1:2]):
+        # the sub-command's own options first; everything after them goes to the guest program verbatim
+        a = argparse.Namespace(cmd=argv[0], arch=DEFAULT_ARCH, cpu=None, name=None)
+        rest = argv[1:]
+        while len(rest) >= 2 and rest[0] in ("--arch", "--cpu"):
+            setattr(a, rest[0][2:], rest[1])
+            rest = rest[2:]
+        rest = rest[1:] if rest[:1] == ["--"] else rest
+        if a.cmd == "tool":
+            if not rest or rest[0] not in LLAMA_TARGETS[1:]:
+                p.error(f"tool: one of {', '.join(LLAMA_TARGETS[1:])}")
+            a.name, rest = rest[0], rest[1:]
+        if a.arch not in ARCHES:
+            p.error(f"--arch: one of {', '.join(ARCHES)}")
+        a.args = rest
+    else:
+        a = p.parse_args(argv)
     try:
         if a.cmd == "setup":
             ensure_llama(a.arch, a.jobs)
