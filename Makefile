@@ -104,12 +104,12 @@ browser:
 clean-venv:
 	rm -rf $(VENV)
 
-# 64-bit ARM (phones; docs/phones.md): llama.cpp cross-built with Debian's gcc-aarch64-linux-gnu through
-# cmake/aarch64-linux-gnu.cmake (libllama / libggml* + llama-bench / llama-quantize / llama-imatrix), an arm64
+# 64-bit ARM (phones; docs/phones.md): the top-level CMakeLists.txt cross-built with Debian's gcc-aarch64-linux-gnu
+# through cmake/aarch64-linux-gnu.cmake (libllama / libggml* + llama-bench / llama-quantize / llama-imatrix), an arm64
 # Python user land (Debian arm64 packages) with the arm64 wheels of the runtime's dependencies, and qemu-aarch64
 # to run it here. Nothing is installed into the system: Debian's packages are unpacked, and every part is cached
-# under ~/.cache/chatspot-edge/arm64/ by what it depends on (chatspot_edge/arm64.py). The default target is
+# under $(CACHE_ROOT)/arm64/ by what it depends on (chatspot_edge/arm64.py). The default target is
 # armv8.2-a+dotprod+fp16; `make native-arm64 ARM64_ARCH=armv8-a` builds the fallback for older cores.
 .PHONY: native-arm64
 native-arm64: setup
-	$(PY) -m chatspot_edge.arm64 setup --arch $(ARM64_ARCH) >/dev/null
+	CHATSPOT_CACHE_DIR=$(CACHE_ROOT) $(PY) -m chatspot_edge.arm64 setup --arch $(ARM64_ARCH) >/dev/null

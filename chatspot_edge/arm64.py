@@ -10,7 +10,8 @@ into the system, no root needed), each part in a folder named by a hash of what 
                                  qemu-aarch64 (Debian 13's qemu-user); run as `qemu-aarch64 -L userland-<key> ...`
       site-<key>/                arm64 wheels of the runtime's dependencies, the versions the x86 .venv has
                                  (numpy, pillow, onnxruntime, typer, jinja2, ...) + llama-cpp-python's Python package
-      llama-<key>/{lib,bin}      libllama / libggml* (.so) and llama-bench / llama-quantize / llama-imatrix for aarch64
+      llama-<key>/bin/           libllama / libggml* (.so) and llama-bench / llama-quantize / llama-imatrix for aarch64,
+                                 cross-built from the top-level CMakeLists.txt (the pinned sdist, one fetch for all)
 
 `make native-arm64` runs `python -m chatspot_edge.arm64 setup`; `Arm64.locate()` finds the same folders again
 (the tests, `python -m chatspot_edge.arm64 run|tool|info`). Timings under emulation say nothing about a phone.
@@ -33,11 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("CHATSPOT_CACHE", Path.home() / ".cache" / "chatspot-edge")) / "arm64"
+# the project's cache (as cmake/LlamaSource.cmake and the Makefile's CACHE_ROOT): CHATSPOT_CACHE_DIR, else
+# $XDG_CACHE_HOME/chatspot-edge, else ~/.cache/chatspot-edge
+CACHE = Path(os.environ.get("CHATSPOT_CACHE_DIR")
+             or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chatspot-edge") / "arm64"
 TOOLCHAIN_FILE = REPO / "cmake" / "aarch64-linux-gnu.cmake"
 
-LLAMA_CPP_VERSION = "0.3.36"
-LLAMA_CPP_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+PIN_FILE = REPO / "cmake" / "llama-cpp-python.txt"  # the one pin of the llama-cpp-python sdist (version + sha256)
+_pin = re.search(r"^llama-cpp-python==(\S+) +--hash=sha256:([0-9a-f]{64})", PIN_FILE.read_text(), re.M)
+LLAMA_CPP_VERSION, LLAMA_CPP_SDIST_SHA256 = _pin.group(1), _pin.group(2)
 
 # The phone target (every Android core since Cortex-A55/A75 has dotprod + fp16) and the fallback for older cores.
 ARCHES = {"armv8.2-a+dotprod+fp16": "cortex-a76", "armv8-a": "cortex-a53"}  # -march -> a qemu CPU that runs it
@@ -78,13 +83,9 @@ ARM64_PYTHON = "3.11"  # bookworm's python3.11; the wheels are chosen for cp311
 RUNTIME_DISTRIBUTIONS = ("numpy", "pillow", "onnxruntime", "typer", "jinja2", "diskcache", "typing-extensions")
 ARM64_WHEEL_PLATFORMS = ("manylinux2014_aarch64", "manylinux_2_28_aarch64", "manylinux_2_17_aarch64")
 
-# llama.cpp options of the cross build: shared libraries for the runtime, the tools for on-target profiling.
-LLAMA_TARGETS = ("llama", "llama-bench", "llama-quantize", "llama-imatrix")
-LLAMA_CMAKE_ARGS = (
-    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_OPENMP=ON", "-DLLAMA_CURL=OFF",
-    "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-    "-DLLAMA_BUILD_APP=OFF", "-DGGML_CPU_KLEIDIAI=OFF", "-DCMAKE_INSTALL_RPATH=$ORIGIN:$ORIGIN/../lib",
-)
+# What the top-level CMakeLists.txt builds (its options: shared libraries, nothing downloaded; the toolchain file
+# adds the target's instruction sets): the runtime's libraries and the tools for on-target profiling.
+LLAMA_TOOLS = ("llama-bench", "llama-quantize", "llama-imatrix")
 
 
 class Arm64Error(RuntimeError):
@@ -250,78 +251,63 @@ def ensure_userland() -> Path:
     return final
 
 
-# -- llama-cpp-python's source (the pinned sdist, through pip, verified) -----------------------------------------
+# -- llama-cpp-python's source: the same verified sdist `make setup` / `make native` use ------------------------------
 
 
-def sdist_dir() -> Path:
-    return CACHE.parent / "sdist" / f"llama_cpp_python-{LLAMA_CPP_VERSION}"
-
-
-def ensure_sdist(python: str = sys.executable) -> Path:
-    """llama-cpp-python's sdist (it vendors llama.cpp), fetched through pip, checked against its sha256."""
-    final = sdist_dir()
-    if (final / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
-        return final
-    log(f"llama-cpp-python {LLAMA_CPP_VERSION} sdist -> {final}")
-    with tempfile.TemporaryDirectory() as tmp:
-        _run([python, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-              "-d", tmp, f"llama-cpp-python=={LLAMA_CPP_VERSION}"], stderr=subprocess.PIPE)
-        archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if len(archives) != 1:
-            raise Arm64Error(f"pip download gave {[p.name for p in Path(tmp).iterdir()]}, not one sdist")
-        digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
-        if digest != LLAMA_CPP_SDIST_SHA256:
-            raise Arm64Error(f"{archives[0].name}: sha256 {digest} != pinned {LLAMA_CPP_SDIST_SHA256}")
-        with _Publish(final) as out:
-            with tarfile.open(archives[0]) as tar:
-                tar.extractall(out, filter="data")
-            inner = out / f"llama_cpp_python-{LLAMA_CPP_VERSION}"
-            for child in inner.iterdir():
-                child.rename(out / child.name)
-            inner.rmdir()
-    return final
+def sdist_archive(python: str = sys.executable) -> Path:
+    """The pinned sdist (.tar.gz), fetched through pip and checked against its sha256 by cmake/LlamaSource.cmake
+    (cached in ~/.cache/chatspot-edge/sdist/): one fetch for the x86 wheel, `make native` and this."""
+    r = _run(["cmake", f"-DCHATSPOT_PYTHON={python}", f"-DCHATSPOT_CACHE_DIR={CACHE.parent}", "-P",
+              str(REPO / "cmake" / "LlamaSource.cmake")], capture_output=True, text=True)
+    path = Path(r.stdout.strip().splitlines()[-1])
+    if not path.is_file():
+        raise Arm64Error(f"cmake/LlamaSource.cmake printed {path}, not a file")
+    return path
 
 
 # -- the cross build -------------------------------------------------------------------------------------------
 
 
 def _cmake_args(arch: str) -> list[str]:
-    return [*LLAMA_CMAKE_ARGS, f"-DCHATSPOT_ARM64_ARCH={arch}"]
+    return ["-DCMAKE_BUILD_TYPE=Release", f"-DCHATSPOT_ARM64_ARCH={arch}"]
+
+
+def _build_inputs() -> list[str]:
+    """The files whose text decides what the cross build makes (besides the toolchain's packages)."""
+    names = ("CMakeLists.txt", "cmake/LlamaSource.cmake", "cmake/llama-cpp-python.txt", "cmake/aarch64-linux-gnu.cmake")
+    return [(REPO / n).read_text() for n in names]
 
 
 def build_dir(arch: str = DEFAULT_ARCH) -> Path:
-    return CACHE / f"llama-{_key(LLAMA_CPP_VERSION, LLAMA_CPP_SDIST_SHA256, toolchain_dir().name, _cmake_args(arch), TOOLCHAIN_FILE.read_text(), LLAMA_TARGETS)}"
+    return CACHE / f"llama-{_key(toolchain_dir().name, _cmake_args(arch), _build_inputs())}"
 
 
-def ensure_llama(arch: str = DEFAULT_ARCH, jobs: int | None = None) -> Path:
-    """Cross-build libllama / libggml* and the tools for `arch`; installed into llama-<key>/{lib,bin}."""
+def ensure_llama(arch: str = DEFAULT_ARCH, jobs: int | None = None, python: str = sys.executable) -> Path:
+    """Cross-build the top-level CMakeLists.txt (libllama / libggml* and llama-bench / llama-quantize /
+    llama-imatrix, from the pinned sdist) for `arch`; the results, side by side, in llama-<key>/bin."""
     if arch not in ARCHES:
         raise Arm64Error(f"unknown arch {arch!r}: one of {', '.join(ARCHES)}")
     final = build_dir(arch)
     if (final / "build.json").exists():
         return final
     tc = ensure_toolchain()
-    src = ensure_sdist() / "vendor" / "llama.cpp"
     env = toolchain_env(tc)
     jobs = jobs or os.cpu_count() or 2
     log(f"cross-building llama.cpp {LLAMA_CPP_VERSION} for aarch64 ({arch}, {jobs} jobs) -> {final}")
     with _Publish(final) as out, tempfile.TemporaryDirectory(dir=CACHE) as bdir:
         t0 = time.monotonic()
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-        _run(["cmake", "-S", str(src), "-B", bdir, *gen, f"-DCMAKE_TOOLCHAIN_FILE={TOOLCHAIN_FILE}",
-              f"-DCMAKE_INSTALL_PREFIX={out}", *_cmake_args(arch)], env=env, stdout=subprocess.DEVNULL,
-             stderr=subprocess.PIPE)
+        _run(["cmake", "-S", str(REPO), "-B", bdir, *gen, f"-DCMAKE_TOOLCHAIN_FILE={TOOLCHAIN_FILE}",
+              f"-DCHATSPOT_PYTHON={python}", f"-DCHATSPOT_CACHE_DIR={CACHE.parent}", *_cmake_args(arch)],
+             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         t1 = time.monotonic()
-        _run(["cmake", "--build", bdir, "-j", str(jobs), "--target", *LLAMA_TARGETS], env=env,
-             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _run(["cmake", "--build", bdir, "-j", str(jobs)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         t2 = time.monotonic()
-        (out / "lib").mkdir()
-        (out / "bin").mkdir()
-        for so in Path(bdir).rglob("lib*.so*"):  # libllama.so -> libllama.so.0 -> libllama.so.0.5.0: links kept
-            if re.match(r"lib(llama|ggml)[\w-]*\.so", so.name):
-                shutil.copy2(so, out / "lib" / so.name, follow_symlinks=False)
-        for tool in LLAMA_TARGETS[1:]:
-            shutil.copy2(Path(bdir) / "bin" / tool, out / "bin" / tool)
+        # tools and libraries side by side, found through $ORIGIN (libllama.so -> .so.0 -> .so.0.5.0 links kept)
+        shutil.copytree(Path(bdir) / "bin", out / "bin", symlinks=True)
+        missing = [f for f in (*LLAMA_TOOLS, "libllama.so", "libggml.so") if not (out / "bin" / f).exists()]
+        if missing:
+            raise Arm64Error(f"the cross build did not make {', '.join(missing)}")
         info = {"llama_cpp_python": LLAMA_CPP_VERSION, "sdist_sha256": LLAMA_CPP_SDIST_SHA256, "arch": arch,
                 "cmake_args": _cmake_args(arch), "toolchain": json.loads((tc / "packages.json").read_text()),
                 "configure_s": round(t1 - t0, 1), "build_s": round(t2 - t1, 1), "jobs": jobs}
@@ -362,7 +348,7 @@ def runtime_requirements() -> list[str]:
 
 
 def site_dir(requirements: list[str]) -> Path:
-    return CACHE / f"site-{_key(requirements, ARM64_PYTHON, ARM64_WHEEL_PLATFORMS, LLAMA_CPP_VERSION)}"
+    return CACHE / f"site-{_key(requirements, ARM64_PYTHON, ARM64_WHEEL_PLATFORMS, LLAMA_CPP_SDIST_SHA256)}"
 
 
 def ensure_site(python: str = sys.executable) -> Path:
@@ -373,13 +359,20 @@ def ensure_site(python: str = sys.executable) -> Path:
     if (final / "requirements.txt").exists():
         return final
     log(f"arm64 wheels ({len(reqs)} distributions) -> {final}")
-    sdist = ensure_sdist(python)
+    archive = sdist_archive(python)
     platforms = [a for p in ARM64_WHEEL_PLATFORMS for a in ("--platform", p)]
     with _Publish(final) as out:
         _run([python, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:", *platforms,
               "--python-version", ARM64_PYTHON, "--implementation", "cp", "--abi", f"cp{ARM64_PYTHON.replace('.', '')}",
               "--target", str(out), *reqs], stderr=subprocess.PIPE)
-        shutil.copytree(sdist / "llama_cpp", out / "llama_cpp")
+        prefix = f"llama_cpp_python-{LLAMA_CPP_VERSION}/"
+        with tarfile.open(archive) as tar:  # only the Python package (llama_cpp/) of the sdist
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix + "llama_cpp/")]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(out, members=members, filter="data")
+        if not (out / "llama_cpp" / "__init__.py").exists():
+            raise Arm64Error(f"{archive}: no llama_cpp/ package inside")
         shutil.rmtree(out / "bin", ignore_errors=True)  # console scripts for x86 paths: not used
         (out / "requirements.txt").write_text("\n".join(reqs) + f"\nllama-cpp-python=={LLAMA_CPP_VERSION}  # sdist, "
                                               "Python package only\n")
@@ -448,7 +441,7 @@ class Arm64:
                      # the working directory (a checkout holds a chatspot_edge/ without its mapped subpackages)
                      # must not shadow the source tree on PYTHONPATH
                      "PYTHONSAFEPATH": "1",
-                     "LLAMA_CPP_LIB_PATH": str(self.llama / "lib"), "LD_LIBRARY_PATH": str(self.llama / "lib")})
+                     "LLAMA_CPP_LIB_PATH": str(self.llama / "bin"), "LD_LIBRARY_PATH": str(self.llama / "bin")})
         return keep
 
     def python(self, args: list[str]) -> list[str]:
@@ -480,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("tool", help="run an aarch64 llama.cpp tool under qemu: `tool llama-bench -m X.gguf ...`")
     t.add_argument("--arch", default=DEFAULT_ARCH, choices=list(ARCHES))
     t.add_argument("--cpu", default=None)
-    t.add_argument("name", choices=list(LLAMA_TARGETS[1:]))
+    t.add_argument("name", choices=list(LLAMA_TOOLS))
     t.add_argument("args", nargs=argparse.REMAINDER)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("run", "tool") and not {"-h", "--help"} & set(argv[1:2]):
@@ -492,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             rest = rest[2:]
         rest = rest[1:] if rest[:1] == ["--"] else rest
         if a.cmd == "tool":
-            if not rest or rest[0] not in LLAMA_TARGETS[1:]:
-                p.error(f"tool: one of {', '.join(LLAMA_TARGETS[1:])}")
+            if not rest or rest[0] not in LLAMA_TOOLS:
+                p.error(f"tool: one of {', '.join(LLAMA_TOOLS)}")
             a.name, rest = rest[0], rest[1:]
         if a.arch not in ARCHES:
             p.error(f"--arch: one of {', '.join(ARCHES)}")

@@ -1,14 +1,15 @@
 # Toolchain file: cross-compile for 64-bit ARM Linux (Android phones' CPUs, Raspberry Pi 4/5, Graviton, ...)
 # with Debian's gcc-aarch64-linux-gnu / g++-aarch64-linux-gnu.
 #
-#   cmake -S SRC -B build-arm64 -DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake [-DCHATSPOT_ARM64_ARCH=armv8-a]
+#   cmake -S . -B build-arm64 -DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake [-DCHATSPOT_ARM64_ARCH=armv8-a]
+#   (the top-level CMakeLists.txt: llama.cpp's libraries and tools from the pinned sdist; `make native-arm64`)
 #
 # Where the compiler comes from:
 # - CHATSPOT_ARM64_TOOLCHAIN (cache variable or environment) names a folder holding Debian's cross packages
 #   unpacked with `dpkg -x` (what `make native-arm64` assembles under ~/.cache/chatspot-edge/arm64/, no root
 #   needed): the compiler is ROOT/usr/bin/aarch64-linux-gnu-gcc and ROOT is the sysroot (the cross libc sits in
 #   ROOT/usr/aarch64-linux-gnu). Its binutils need ROOT/usr/lib/x86_64-linux-gnu on LD_LIBRARY_PATH, which
-#   `chatspot_edge/arm64.py build` sets.
+#   `python -m chatspot_edge.arm64 setup` sets.
 # - otherwise the system's /usr/bin/aarch64-linux-gnu-gcc (`apt-get install g++-aarch64-linux-gnu`).
 #
 # Instruction sets (ggml's CPU backend): CHATSPOT_ARM64_ARCH, default armv8.2-a+dotprod+fp16: every phone core

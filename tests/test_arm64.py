@@ -88,7 +88,7 @@ def test_ask_path_imports_no_torch(bundle, image):
 def test_cross_build_is_aarch64_for_the_phone_target(arm):
     """The libraries are aarch64 ELF files, and ggml under qemu (a Cortex-A76) reports the phone target's
     instruction sets: NEON, FP16 arithmetic and the int8 dot product."""
-    lib = arm.llama / "lib" / "libllama.so"
+    lib = arm.llama / "bin" / "libllama.so"
     header = lib.read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
     with tempfile.TemporaryDirectory() as src:
