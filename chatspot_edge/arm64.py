@@ -193,7 +193,12 @@ def _apt_fetch_unpack(packages: list[str], root: Path, suite: str | None = None)
     state = _apt_state(suite)
     _apt_update(state)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        versions = _apt_download(state, packages, Path(tmp))
+        try:
+            versions = _apt_download(state, packages, Path(tmp))
+        except Arm64Error:  # lists older than the archive (a version was superseded): refresh once, retry
+            (state / "lists" / ".complete").unlink(missing_ok=True)
+            _apt_update(state)
+            versions = _apt_download(state, packages, Path(tmp))
         _unpack_debs(Path(tmp), root)
     return versions
 
