@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatspot_edge.files import atomic_dir  # build into a temporary sibling, renamed into place on success
+
 REPO = Path(__file__).resolve().parent.parent
 # the project's cache (as cmake/LlamaSource.cmake and the Makefile's CACHE_ROOT): CHATSPOT_CACHE_DIR, else
 # $XDG_CACHE_HOME/chatspot-edge, else ~/.cache/chatspot-edge
@@ -109,28 +111,6 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
         tail = (e.stderr or b"")[-2000:] if isinstance(e.stderr, bytes) else (e.stderr or "")[-2000:]
         raise Arm64Error(f"`{' '.join(cmd[:6])} ...` failed with exit code {e.returncode}"
                          + (f": {tail.decode() if isinstance(tail, bytes) else tail}" if tail else "")) from None
-
-
-class _Publish:
-    """`with _Publish(final) as tmp:` build into `tmp`, renamed to `final` on success (readers never see half)."""
-
-    def __init__(self, final: Path):
-        self.final = final
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.final.exists():  # another process finished first: keep theirs
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
-        return False
 
 
 # -- Debian packages (private apt state: the system's package lists and dpkg database are not touched) ---------
@@ -214,7 +194,7 @@ def ensure_toolchain() -> Path:
     if (final / "packages.json").exists():
         return final
     log(f"cross toolchain -> {final}")
-    with _Publish(final) as tmp:
+    with atomic_dir(final) as tmp:
         versions = _apt_fetch_unpack(list(TOOLCHAIN_PACKAGES), tmp)
         (tmp / "packages.json").write_text(json.dumps(versions, indent=1))
     return final
@@ -239,7 +219,7 @@ def ensure_userland() -> Path:
     if (final / "packages.json").exists():
         return final
     log(f"arm64 Python user land + qemu -> {final}")
-    with _Publish(final) as tmp:
+    with atomic_dir(final) as tmp:
         versions = _apt_fetch_unpack([f"{p}:arm64" for p in USERLAND_PACKAGES], tmp)
         qemu_root = tmp / "qemu"
         versions.update(_apt_fetch_unpack([QEMU_PACKAGE], qemu_root, QEMU_SUITE))
@@ -299,7 +279,7 @@ def ensure_llama(arch: str = DEFAULT_ARCH, jobs: int | None = None, python: str 
     env = toolchain_env(tc)
     jobs = jobs or os.cpu_count() or 2
     log(f"cross-building llama.cpp {LLAMA_CPP_VERSION} for aarch64 ({arch}, {jobs} jobs) -> {final}")
-    with _Publish(final) as out, tempfile.TemporaryDirectory(dir=CACHE) as bdir:
+    with atomic_dir(final) as out, tempfile.TemporaryDirectory(dir=CACHE) as bdir:
         t0 = time.monotonic()
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         _run(["cmake", "-S", str(REPO), "-B", bdir, *gen, f"-DCMAKE_TOOLCHAIN_FILE={TOOLCHAIN_FILE}",
@@ -366,7 +346,7 @@ def ensure_site(python: str = sys.executable) -> Path:
     log(f"arm64 wheels ({len(reqs)} distributions) -> {final}")
     archive = sdist_archive(python)
     platforms = [a for p in ARM64_WHEEL_PLATFORMS for a in ("--platform", p)]
-    with _Publish(final) as out:
+    with atomic_dir(final) as out:
         _run([python, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:", *platforms,
               "--python-version", ARM64_PYTHON, "--implementation", "cp", "--abi", f"cp{ARM64_PYTHON.replace('.', '')}",
               "--target", str(out), *reqs], stderr=subprocess.PIPE)
