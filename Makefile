@@ -33,6 +33,11 @@ WHEEL_CACHE ?= $(CACHE_ROOT)/wheels/llama-cpp-$(LLAMA_BUILD_KEY)
 
 STAMP := $(VENV)/.stamps
 DEMO_DIR ?= runs/demo
+# aarch64 (phones), see native-arm64 below: the target architecture, and whether `make test` builds the aarch64
+# pieces and runs the qemu checks: wherever Debian's packages can be had (apt-get on an x86-64 host, as on this
+# project's machines and CI); elsewhere those tests skip.
+ARM64_ARCH ?= armv8.2-a+dotprod+fp16
+TEST_ARM64 := $(shell command -v apt-get >/dev/null 2>&1 && [ "$$(uname -m)" = x86_64 ] && echo native-arm64)
 
 .PHONY: setup native demo test clean-venv browser
 
@@ -96,8 +101,8 @@ $(NATIVE_DIR)/.built: | $(STAMP)/venv
 demo: setup
 	$(VENV)/bin/chatspot-edge pipeline --preset mini --out $(DEMO_DIR)
 
-test: setup native browser
-	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pytest -q tests
+test: setup native browser $(TEST_ARM64)
+	$(if $(TEST_ARM64),CHATSPOT_REQUIRE_ARM64=1 )PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pytest -q tests
 
 # The serve page's browser tests drive Debian's Chromium through Playwright, which never downloads a browser.
 CHROMIUM ?= /usr/bin/chromium
@@ -107,3 +112,13 @@ browser:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# 64-bit ARM (phones; docs/phones.md): the top-level CMakeLists.txt cross-built with Debian's gcc-aarch64-linux-gnu
+# through cmake/aarch64-linux-gnu.cmake (libllama / libggml* + llama-bench / llama-quantize / llama-imatrix), an arm64
+# Python user land (Debian arm64 packages) with the arm64 wheels of the runtime's dependencies, and qemu-aarch64
+# to run it here. Nothing is installed into the system: Debian's packages are unpacked, and every part is cached
+# under $(CACHE_ROOT)/arm64/ by what it depends on (chatspot_edge/arm64.py). The default target is
+# armv8.2-a+dotprod+fp16; `make native-arm64 ARM64_ARCH=armv8-a` builds the fallback for older cores.
+.PHONY: native-arm64
+native-arm64: setup
+	CHATSPOT_CACHE_DIR=$(CACHE_ROOT) $(PY) -m chatspot_edge.arm64 setup --arch $(ARM64_ARCH) >/dev/null

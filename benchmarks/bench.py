@@ -228,14 +228,17 @@ def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | S
               reference: str | Path | None = None, device: str = "cpu",
               reference_random_like: str | Path | None = None, max_tokens: int = 24, raw_tokens: int = 32,
               reference_tokens: int = 32, label: str | None = None, measure_machine: bool = True,
-              log: Callable[[str], None] | None = None, decode_threads: int | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, decode_threads: int | None = None,
+              device_class: Any = None) -> dict[str, Any]:
     """Benchmark every requested variant of `bundle`; writes `out_json` (atomically) and returns the result.
 
     variants: "LLM[:VISION],..." or a list of such (default: see `resolve_variants`); threads: None / "auto"
     (the runtime's measured choice) or thread counts (each variant runs at each; decode too unless
     `decode_threads` is given); reference / reference_random_like: a checkpoint timed in PyTorch on `device`
     (the latter with random weights of its shapes). Raises InputError on bad input (a broken bundle, an
-    unknown variant). A variant whose worker fails is kept with an `error` key and null figures."""
+    unknown variant). A variant whose worker fails is kept with an `error` key and null figures.
+    device_class: a `benchmarks.profiles.DeviceClass`: its context length is used and the result gets `profile`
+    (the class and each variant against its budgets)."""
     from chatspot_edge.export.manifest import verify_bundle
     from chatspot_edge.files import atomic_write_text
 
@@ -290,6 +293,8 @@ def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | S
             job = {"bundle": str(bundle.resolve()), "llm": v["llm_arg"], "vision": v["vision_arg"], "threads": t,
                    "decode_threads": decode_threads, "repeats": repeats, "max_tokens": max_tokens,
                    "llm_file": v["llm_file"], "quantized": v["llm"].upper().startswith(QUANTIZED_PREFIXES)}
+            if device_class is not None:
+                job["n_ctx"] = device_class.n_ctx
             entry: dict[str, Any] = {"llm": v["llm"], "vision": v["vision"], "threads": t}
             try:
                 raw = _run_worker(job, log)
@@ -333,6 +338,10 @@ def run_bench(bundle: str | Path, out_json: str | Path | None, variants: str | S
         "seconds": round(time.perf_counter() - t0, 1),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if device_class is not None:
+        from chatspot_edge.benchmarks.profiles import assess, profile_record
+
+        result["profile"] = {**profile_record(device_class), "assessment": assess(result, device_class)}
     if out_json is not None:
         atomic_write_text(out_json, json.dumps(result, indent=2, default=_json_default) + "\n")
     return result

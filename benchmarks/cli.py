@@ -33,7 +33,7 @@ bench_app = typer.Typer(
 @bench_app.command("run")
 def bench_run(
     bundle: Path = typer.Argument(..., help="bundle folder"),
-    out: Path = typer.Option(..., "--out", help="benchmark JSON to write (SPEC section 7)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="benchmark JSON to write (SPEC section 7)"),
     variants: Optional[str] = typer.Option(
         None, "--variants", help="LLM[:VISION],... e.g. Q4_K_M:int8,F16 (default: the default pair + every "
                                  "LLM variant x default / int8 vision)"),
@@ -48,14 +48,30 @@ def bench_run(
     device: str = typer.Option("cpu", "--device", help="reference device: cpu, cuda or auto"),
     max_tokens: int = typer.Option(24, "--max-tokens", help="answer length of the referring suite"),
     label: Optional[str] = typer.Option(None, "--label", help="machine name in reports (default: CPU model + cores)"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="device class: phone-4gb, phone-8gb or laptop "
+                                          "(its threads and context length; variants judged against its budgets)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="run nothing: each variant's memory estimated from "
+                                 "manifest.json against the device classes (--profile: that one)"),
 ) -> None:
     """Benchmark a bundle's variants (each in a fresh process) and optionally a PyTorch reference."""
+    from chatspot_edge.benchmarks import profiles
     from chatspot_edge.benchmarks.bench import format_table, run_bench
+    from chatspot_edge.errors import InputError
 
+    device_class = profiles.profile(profile) if profile else None
+    if dry_run:
+        typer.echo(profiles.format_estimates(profiles.dry_run(bundle, [profile] if profile else None)))
+        return
+    if out is None:
+        raise InputError("--out FILE.json is required (or --dry-run)")
+    if device_class is not None:
+        threads = str(device_class.threads)
     result = run_bench(bundle, out, variants=variants, threads=threads, repeats=repeats, reference=reference,
                        device=device, reference_random_like=reference_random_like, max_tokens=max_tokens,
-                       label=label, decode_threads=decode_threads)
+                       label=label, decode_threads=decode_threads, device_class=device_class)
     typer.echo(format_table(result))
+    if device_class is not None:
+        typer.echo(profiles.format_assessment(result["profile"]["assessment"]))
     failed = [f"{v['llm']}:{v['vision']} x{v.get('threads') or 'auto'}" for v in result["variants"] if v.get("error")]
     typer.echo(f"wrote {out}")
     if failed:

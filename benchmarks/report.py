@@ -309,6 +309,8 @@ def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = {p.name: p for p in make_plots(results, out)}
     md = out / "report.md"
-    atomic_write_text(md, build_markdown(results))
+    from chatspot_edge.benchmarks.profiles import report_section
+
+    atomic_write_text(md, build_markdown(results) + report_section(results))
     written["report.md"] = md
     return written

@@ -125,7 +125,7 @@ def measure_runtime(job: dict, log) -> dict:
     max_tokens = int(job.get("max_tokens", 24))
     res: dict = {"load_ms": []}
     kw = dict(threads=threads, decode_threads=decode_threads, llm=job.get("llm"), vision=job.get("vision"),
-              verify=False)
+              verify=False, n_ctx=job.get("n_ctx"))
     t = time.perf_counter()
     engine = Engine.load(bundle, recalibrate=True, **kw)  # a measured choice is taken afresh, then cached
     res["load_first_ms"] = _ms(t)

@@ -252,7 +252,11 @@ def quantize(
 
 
 @app.command()
-def inspect(bundle: Path = typer.Argument(...)) -> None:
+def inspect(
+    bundle: Path = typer.Argument(...),
+    profile: Optional[str] = typer.Option(None, "--profile", help="also: which variants fit this device class "
+                                          "(phone-4gb, phone-8gb, laptop), estimated from the manifest"),
+) -> None:
     """Print a bundle's manifest and verify every checksum (exit 2 on a mismatch)."""
     import json
 
@@ -261,6 +265,10 @@ def inspect(bundle: Path = typer.Argument(...)) -> None:
     manifest = verify_bundle(bundle)
     typer.echo(json.dumps(manifest, indent=2))
     typer.echo(f"OK: {len(manifest['files'])} files verified")
+    if profile:
+        from chatspot_edge.benchmarks import profiles
+
+        typer.echo(profiles.format_estimates(profiles.dry_run(bundle, [profile])))
 
 
 THREADS_HELP = "threads for prefill (and decode, unless --decode-threads); default: measured on this machine"
