@@ -383,7 +383,9 @@ app.add_typer(bench_app, name="bench")
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns a command's typer.Exit code here instead of exiting
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

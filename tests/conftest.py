@@ -4,6 +4,7 @@ from chatspot_edge.openmp import share_cores_with_torch
 
 share_cores_with_torch()  # the tests load torch and llama.cpp in one process (see chatspot_edge/openmp.py)
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -59,11 +60,17 @@ def spread():
         pixels = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=g)
         boxes = torch.tensor([[0.1, 0.2, 0.45, 0.61], [0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0], [0.6, 0.1, 0.9, 0.4]])
         image = model.encode_image(pixels)
-        image_scale = 1.0 / float(image.pow(2).mean().sqrt())
-        region = model.encode_regions(image, boxes, torch.arange(4), pixels)
+        image_scale = 1.0 / float(model.projector(model.vision(pixels)).pow(2).mean().sqrt())  # content, not position
+        from chatspot_edge.model.preprocess import batch_region_crops
+
+        crops = torch.from_numpy(batch_region_crops(list(pixels.numpy()), boxes.numpy(), np.arange(4),
+                                                    model.config.region_crop_size))  # the pixels stand in for the originals
+        region = model.encode_regions(image, boxes, torch.arange(4), pixels, crops)
         region_scale = 1.0 / float(region.pow(2).mean().sqrt())
-        for layer, s in ((model.projector.linear_2, image_scale), (model.region.proj[-1], region_scale),
-                         (model.region.appearance[-1], region_scale)):
+        reg = model.region  # every view the region embedding sums: context pool, appearance crop, box geometry
+        views = [reg.proj[-1], reg.crops.head[-1] if reg.crop == "original" else reg.appearance[-1]]
+        views += [reg.geometry.mlp[-1]] if reg.geometry is not None else []
+        for layer, s in [(model.projector.linear_2, image_scale)] + [(v, region_scale) for v in views]:
             layer.weight.mul_(s)
             layer.bias.mul_(s)
     return model, tok

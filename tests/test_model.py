@@ -55,8 +55,8 @@ def test_forward_shapes_and_answer_only_loss(tiny):
     assert model.projector.linear_1.weight.grad is not None and model.region.proj[0].weight.grad is not None
 
 
-def test_image_and_region_change_the_output(tiny):
-    model, tok = tiny
+def test_image_and_region_change_the_output(spread):
+    model, tok = spread  # the tiny preset with unit-RMS image and region rows (tests/conftest.py)
     enc = Processor(tok, model.config).encode_prompt("What is in <box>[0.100,0.200,0.450,0.610]</box>?")
     ids = torch.tensor([enc.ids])
     a = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

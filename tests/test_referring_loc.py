@@ -362,7 +362,13 @@ def _torch_answer(model, tok, img, question, max_new_tokens=10):
     proc = Processor(tok, model.config)
     enc = proc.encode_prompt(question)
     px = torch.from_numpy(resize_pixels(img, model.config.vision.image_size))[None]
-    ids = model.generate([enc.ids], px, [enc.boxes], max_new_tokens=max_new_tokens, stop_ids=proc.stop_ids)[0]
+    crops = None
+    if enc.boxes and model.config.region_crop == "original":  # crops of the original image, as the runtime reads
+        from chatspot_edge.model.preprocess import region_crops
+
+        crops = torch.from_numpy(region_crops(img, enc.boxes, model.config.region_crop_size))
+    ids = model.generate([enc.ids], px, [enc.boxes], max_new_tokens=max_new_tokens, stop_ids=proc.stop_ids,
+                         crops=crops)[0]
     return proc.decode(ids)
 
 

@@ -436,6 +436,9 @@ def _added_rows(model: ChatSpotModel) -> list[int]:
     return [c.image_token_id, c.box_start_id, c.box_end_id, c.region_token_id, *loc_token_ids(model)]
 
 
+BATCH_META = ("index", "n_tokens")  # collated fields that describe a micro-batch rather than feed the model
+
+
 class AnswerLoss:
     """The training objective of adapt: cross-entropy on answer tokens (per sample first, `per_sample`), plus
     the region-text alignment loss with weight `region_align`.
@@ -456,7 +459,7 @@ class AnswerLoss:
                region_share: float = 1.0) -> ChatSpotOutput:
         """The model's training forward on the micro-batch: loss, and logits at the answer positions.
         `region_share` scales the alignment weight (the micro-batch's share of the step's regions)."""
-        batch = {k: v for k, v in batch.items() if k != "index"}
+        batch = {k: v for k, v in batch.items() if k not in BATCH_META}
         return model(image_embeds=model.project(features), per_sample=self.per_sample,
                      region_align=self.region_align * region_share, **batch)
 

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from chatspot_edge.errors import InputError
 from chatspot_edge.files import atomic_write_text, file_sha256
 from chatspot_edge.model.chatspot import IGNORE_INDEX, ChatSpotModel
-from chatspot_edge.train.adapt import (PRESET_DEFAULTS, AdaptOptions, AnswerLoss, Batches, adapt, init_distributed,
+from chatspot_edge.train.adapt import (BATCH_META, PRESET_DEFAULTS, AdaptOptions, AnswerLoss, Batches, adapt, init_distributed,
                                       resolve_precision)
 
 PRUNE_FILE = "prune.json"
@@ -190,7 +190,7 @@ class DistillObjective(AnswerLoss):
             t_cap = _Capture(self.teacher.llm.model.layers, sorted(set(self.block_map))) if self.hidden_weight > 0 else None
             try:
                 with torch.no_grad():
-                    fields = {k: v for k, v in batch.items() if k != "index"}
+                    fields = {k: v for k, v in batch.items() if k not in BATCH_META}
                     t_logits = self.teacher(per_sample=self.per_sample, **fields).logits
             finally:
                 if t_cap is not None:
@@ -293,7 +293,8 @@ class TeacherCache:
             offsets, values, ids = [0], [], []
             for i in range(0, len(recs), batch_size):
                 b = batches.collate(recs[i:i + batch_size])
-                b.pop("index")
+                for k in BATCH_META:
+                    b.pop(k)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = teacher(per_sample=True, **{k: v.to(device) for k, v in b.items()}).logits
                 logp = F.log_softmax(logits.float() / float(self.key["temperature"]), dim=-1)
@@ -365,7 +366,8 @@ def _calibration_batches(model: ChatSpotModel, tok, data: Path, n: int, seed: in
     out = []
     for i in range(0, len(idx), batch_size):
         batch = b.collate(idx[i:i + batch_size])
-        batch.pop("index")
+        for k in BATCH_META:
+            batch.pop(k)
         out.append(batch)
     return out
 
