@@ -50,7 +50,10 @@ from chatspot_edge.referring import SPECIAL_TOKENS
 
 PRESET_DEFAULTS = {  # batch size, stage-2 minutes, stage-1 steps, LLM LR, projector LR
     "tiny": dict(batch_size=4, minutes=1.0, stage1_steps=2, lr_llm=1e-3, lr_proj=2e-3),
-    "mini": dict(batch_size=16, minutes=7.5, stage1_steps=150, lr_llm=3e-4, lr_proj=2e-3),  # ~10 min in all
+    # mini: training <= 12 min on 2 cores (issue 17): stage 1 ~3 min, stage 2 8 min; 8 independent questions per
+    # image on one [system + image] prefix, single-token coordinates (chatspot-loc-v1, 32 bins per axis)
+    "mini": dict(batch_size=8, minutes=8.0, stage1_steps=60, lr_llm=3e-4, lr_proj=2e-3, turns=8, referring="loc",
+                 bins=32),
     "smol": dict(batch_size=16, minutes=60.0, stage1_steps=200, lr_llm=2e-4, lr_proj=2e-3,
                  stage1_steps_warm=40),  # warm-started from a trained mini: its projector is aligned already
 }
