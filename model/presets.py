@@ -21,7 +21,7 @@ from chatspot_edge.model.tokenizer import smollm2_gguf_path, smollm2_tokenizer
 from chatspot_edge.referring import BOX_END, BOX_START, IMAGE_TOKEN, REGION_TOKEN, ReferringFormat
 
 PRESETS = ("tiny", "mini", "smol")
-MINI_BLOCKS = (0, 1, 2, 3, 4, 5)  # which of SmolLM2's 30 blocks the mini LLM keeps (see README: block choice)
+MINI_BLOCKS = (0, 1, 2, 3, 4, 5)  # which of SmolLM2's 30 blocks the mini LLM keeps (see docs/results.md: block choice)
 
 
 def _token_ids(tokenizer) -> dict:
