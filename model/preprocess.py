@@ -9,6 +9,7 @@ aspect ratio is not kept, so normalized region coordinates map linearly onto the
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
         img = source
         name = "image"
     else:
-        name = str(source)[:80] if not isinstance(source, bytes) else "image bytes"
+        name = ("image bytes" if isinstance(source, (bytes, bytearray)) else
+                str(source)[:80] if isinstance(source, (str, os.PathLike)) else "image data")  # never a stream's repr
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

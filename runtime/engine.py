@@ -256,6 +256,7 @@ class Engine:
                         raise
                     self._park(victims[0])
             session._saved = None
+            self.llm.seq_rm(slot, session._len, -1)  # a parked session that was reset keeps only its prefix
         else:
             session._len = session._prefix_len = session._kv_turns = 0  # nothing of it is in the cache
         return slot

@@ -44,6 +44,23 @@ def test_reset_forgets_the_conversation_and_keeps_the_image(engine):
     s.close()
 
 
+def test_reset_of_a_parked_session(spread_bundle):
+    """A session reset while parked (its slot given to another) answers on its return as a fresh one would."""
+    eng = Engine.load(spread_bundle, threads=2, f32_kv=True, max_sessions=1)
+    try:
+        img = _image(0)
+        ask = lambda s, q, **r: s.ask(q, max_tokens=8, stream=False, **r)  # noqa: E731
+        alone = ask(eng.session(img, history=True), "And now?", box=BOX)
+        s = eng.session(img, history=True)
+        ask(s, "What is this?", box=BOX)
+        ask(eng.session(_image(1), history=True), "What is this?", box=BOX)  # takes the only slot: s is parked
+        assert s._slot is None and s._saved is not None
+        s.reset()
+        assert ask(s, "And now?", box=BOX) == alone
+    finally:
+        eng.close()
+
+
 def test_image_cache_is_a_bounded_lru_keyed_by_content(spread_bundle):
     eng = Engine.load(spread_bundle, threads=2, image_cache=2, max_sessions=1)
     try:
