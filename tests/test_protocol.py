@@ -20,7 +20,18 @@ def _text_v1(coords) -> str:
     return referring.Region("box" if len(coords) == 4 else "point", tuple(coords)).text()
 
 
-FORMATS = {"chatspot-text-v1": _text_v1}  # referring format -> how a model writes normalized coordinates
+class _Writer:
+    """How a model speaking `fmt` writes normalized coordinates; `bins` goes to the scorer (loc tokens)."""
+
+    def __init__(self, fmt: referring.ReferringFormat):
+        self.fmt, self.bins = fmt, fmt.bins
+
+    def __call__(self, coords) -> str:
+        return self.fmt.write(referring.Region("box" if len(coords) == 4 else "point", tuple(coords)))
+
+
+# referring format -> how a model writes normalized coordinates
+FORMATS = {f.name: _Writer(f) for f in (referring.TEXT, referring.ReferringFormat(referring.LOC_FORMAT, 32))}
 
 
 # -- region recognition: color AND shape, as adjacent words ------------------------------------------------------
@@ -97,12 +108,12 @@ def write_box(request):
 def test_grounding_hits(write_box, template):
     # a point is not a box: the first BOX counts
     answer = template.format(box=write_box(TARGET), wrong=write_box(WRONG), point=write_box((0.9, 0.9)))
-    assert grounding_hit(answer, TARGET_PX, W, H), answer
+    assert grounding_hit(answer, TARGET_PX, W, H, write_box.bins), answer
 
 
 def test_grounding_hits_a_box_a_little_off(write_box):
     assert referring.iou((0.12, 0.27, 0.41, 0.74), TARGET) > 0.85
-    assert grounding_hit(write_box((0.12, 0.27, 0.41, 0.74)), TARGET_PX, W, H)
+    assert grounding_hit(write_box((0.12, 0.27, 0.41, 0.74)), TARGET_PX, W, H, write_box.bins)
 
 
 @pytest.mark.parametrize("case", ["wrong place", "axes swapped", "normalized by the other side", "wrong box first",
@@ -115,7 +126,7 @@ def test_grounding_misses(write_box, case):
         "wrong box first": write_box(WRONG) + " " + write_box(TARGET),
         "nothing": "at the top left",
     }[case]
-    assert not grounding_hit(answer, TARGET_PX, W, H), answer
+    assert not grounding_hit(answer, TARGET_PX, W, H, write_box.bins), answer
 
 
 @pytest.mark.parametrize("answer", [
