@@ -53,12 +53,15 @@ def _records(data: Path | None, n: int, seed: int) -> tuple[list[dict], str]:
     return records[:n], desc
 
 
-def conversation_text(prompt: dict, conversations: list[dict]) -> str:
+def conversation_text(prompt: dict, conversations: list[dict], referring: dict | None = None) -> str:
     """One conversation in the bundle's chat template (manifest `prompt`): the first question through
     `template`, later ones through `turn`, each answer followed by the first stop string. `{image}` is left
-    empty and `<image>` / `<region>` placeholders are removed (they stand for embeddings, not text)."""
+    empty and `<image>` / `<region>` placeholders are removed (they stand for embeddings, not text). Regions are
+    written in the bundle's referring format (manifest `referring`: chatspot-loc-v1 bundles read loc tokens)."""
     from chatspot_edge.model.prompt import strip_image_token
-    from chatspot_edge.referring import IMAGE_TOKEN
+    from chatspot_edge.referring import IMAGE_TOKEN, ReferringFormat
+
+    fmt = ReferringFormat.from_dict(referring)
 
     stop = (prompt.get("stop") or [""])[0]
     turn = prompt.get("turn") or prompt["template"]
@@ -67,17 +70,17 @@ def conversation_text(prompt: dict, conversations: list[dict]) -> str:
         q, a = conversations[i], conversations[i + 1]
         if q.get("from") != "human" or a.get("from") != "gpt":
             break
-        question = strip_image_token(q["value"]).replace("<region>", "").replace(IMAGE_TOKEN, "")
+        question = fmt.convert(strip_image_token(q["value"]).replace("<region>", "").replace(IMAGE_TOKEN, ""))
         head = (prompt["template"].format(system=prompt["system"], image="", question=question) if i == 0
                 else turn.format(question=question))
-        parts.append(head + a["value"] + stop)
+        parts.append(head + fmt.convert(a["value"]) + stop)
     return "".join(parts)
 
 
 def calibration_text(manifest: dict, data: Path | None, records: int = DEFAULT_RECORDS, seed: int = 0) -> tuple[str, str]:
     """(text, description) of `records` SpotWorld train conversations in the bundle's chat template."""
     recs, desc = _records(data, records, seed)
-    texts = [conversation_text(manifest["prompt"], r["conversations"]) for r in recs]
+    texts = [conversation_text(manifest["prompt"], r["conversations"], manifest.get("referring")) for r in recs]
     return "\n".join(t for t in texts if t) + "\n", f"{len([t for t in texts if t])} conversations of {desc}"
 
 
