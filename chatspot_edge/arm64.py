@@ -426,7 +426,9 @@ class Arm64:
                      # the working directory (a checkout holds a chatspot_edge/ without its mapped subpackages)
                      # must not shadow the source tree on PYTHONPATH
                      "PYTHONSAFEPATH": "1",
-                     "LLAMA_CPP_LIB_PATH": str(self.llama / "bin"), "LD_LIBRARY_PATH": str(self.llama / "bin")})
+                     "LLAMA_CPP_LIB_PATH": str(self.llama / "bin"), "LD_LIBRARY_PATH": str(self.llama / "bin"),
+                     # the guest's own child processes (the build guard's probe) go through qemu as well
+                     "CHATSPOT_CHILD_LAUNCHER": str(self.qemu)})
         return keep
 
     def python(self, args: list[str]) -> list[str]:

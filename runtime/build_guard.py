@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -74,7 +75,10 @@ def probe_system_info(lib_dir: Path, fix: str = FIX_WHEEL) -> str:
         info = ""
     if not info:
         env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lib_dir))
-        proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env,
+        # under user-mode emulation (qemu-aarch64 without binfmt_misc) a child of this interpreter must be started
+        # through the emulator too: CHATSPOT_CHILD_LAUNCHER names it (chatspot_edge.arm64 sets it for its guests)
+        launcher = shlex.split(os.environ.get("CHATSPOT_CHILD_LAUNCHER", ""))
+        proc = subprocess.run([*launcher, sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env,
                               timeout=PROBE_TIMEOUT_S)
         if proc.returncode == -signal.SIGILL:
             raise BuildError(f"llama.cpp in {lib_dir} stops with an illegal instruction on this CPU: it was built "

@@ -117,22 +117,74 @@ def test_llama_quantize_and_bench_under_qemu(arm, bundle, tmp_path):
     assert all(row["avg_ts"] > 0 and "Q4_0" in row["model_type"] for row in rows)
 
 
-def test_ask_under_qemu_equals_x86(arm, bundle, image, llm="Q4_0", vision="int8"):
-    """`chatspot-edge ask` (greedy) under qemu-aarch64 with the arm64 wheels and the cross-built llama.cpp gives
-    the x86 answers for a point, a box and a polygon, with the variants a phone runs (Q4_0 + int8 vision: the
-    kernels that differ most between x86 and ARM, ggml's repacked Q4_0 and onnxruntime's int8 convolutions).
-    Each qemu process costs ~15 s of start-up (imports under emulation); the demo bundle's longer list is
-    `python -m chatspot_edge.evaluation.arm64_equality` (docs/phones.md)."""
+FIRST_TOKEN_LOGITS = """
+import json, sys
+from chatspot_edge.runtime import Engine
+bundle, image, llm, vision = sys.argv[1:5]
+e = Engine.load(bundle, llm=llm, vision=vision, threads=2)
+out = []
+for question, kind, coords in json.loads(sys.argv[5]):
+    s = e.session(image)
+    s.ask(question, max_tokens=1, stream=False, **{kind: coords})
+    out.append([float(x) for x in e.llm.logits()])  # the first answer token's logits: vision, region, prefill
+    s.close()
+print(json.dumps(out))
+"""
+
+
+def _regions() -> list:
+    """QUESTIONS as (question, Session.ask keyword, pixel coordinates)."""
+    out = []
+    for question, (flag, text) in QUESTIONS:
+        v = [float(x) for x in text.split(",")]
+        coords = v if flag == "--box" else [(v[i], v[i + 1]) for i in range(0, len(v), 2)] if flag == "--polygon" else v
+        out.append((question, flag[2:], coords))
+    return out
+
+
+# Measured (this test's bundle, 2026-11-27): Q4_0 + fp32 vision identical to the last bit; F16 differs by ~0.3% of
+# the logits' spread (ARM's fp16 arithmetic); int8 vision by ~4%: onnxruntime's int8 kernels differ by instruction
+# set (x86 without VNNI multiplies u8 x s8 in saturating 16-bit pairs, ARM takes s8 x s8 dot products).
+@pytest.mark.parametrize("vision,rel_tol", [("fp32", 1e-3), ("int8", 0.1)])
+def test_first_token_logits_under_qemu_equal_x86(arm, bundle, image, vision, rel_tol, llm="Q4_0"):
+    """The whole chain on aarch64 (vision graph in onnxruntime, region graph, Q4_0 prefill in the cross-built
+    llama.cpp, under qemu with the arm64 wheels) gives x86's first-token logits for a point, a box and a polygon:
+    the same values within `rel_tol` of their spread and the same greedy token (unless x86's top two are closer
+    than that). Answers of this random model are not compared token by token: its distribution is nearly flat,
+    so a near-tie can go either way between x86's and ARM's (both correct) kernels after a few tokens; the
+    trained demo bundle's full answers are compared by `python -m chatspot_edge.evaluation.arm64_equality`."""
+    args = ["-c", FIRST_TOKEN_LOGITS, str(bundle), str(image), llm, vision, json.dumps(_regions())]
+    want = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    assert want.returncode == 0, want.stderr[-2000:]
+    with tempfile.TemporaryDirectory() as src:
+        got = subprocess.run(arm.python(args), env=arm.env(source_tree(Path(src))), capture_output=True, text=True,
+                             timeout=QEMU_TIMEOUT)
+    assert got.returncode == 0, got.stderr[-2000:]
+    x86, arm64 = np.array(json.loads(want.stdout)), np.array(json.loads(got.stdout))
+    assert x86.shape == arm64.shape == (len(QUESTIONS), x86.shape[1])
+    assert len({int(row.argmax()) for row in x86}) > 1  # the inputs matter: the comparison compares something
+    for q, a, b in zip(QUESTIONS, x86, arm64):
+        tol = rel_tol * float(a.max() - a.min())
+        assert float(np.abs(a - b).max()) < tol, (q, float(np.abs(a - b).max()), tol)
+        top2 = np.sort(a)[-2:]
+        if top2[1] - top2[0] > tol:
+            assert int(a.argmax()) == int(b.argmax()), q
+
+
+def test_ask_runs_under_qemu(arm, bundle, image, llm="Q4_0", vision="int8"):
+    """The unchanged `chatspot-edge ask` CLI answers under qemu-aarch64 (arm64 wheels, cross-built llama.cpp,
+    the build guard's probe started through qemu too), with the variants a phone runs (Q4_0 + int8 vision).
+    Each qemu process costs ~15 s of start-up (imports under emulation): one question here, the values are
+    compared by the test above."""
     x86 = [sys.executable, "-m", "chatspot_edge.cli"]
-    common = ["--llm", llm, "--vision", vision, "--max-tokens", "12", "--threads", "2"]
+    common = ["--llm", llm, "--vision", vision, "--max-tokens", "4", "--threads", "2"]
     with tempfile.TemporaryDirectory() as src:
         env = arm.env(source_tree(Path(src)))
-        for question, region in QUESTIONS:
+        for question, region in QUESTIONS[1:2]:
             args = ["ask", str(bundle), str(image), question, *region, *common]
             want = subprocess.run(x86 + args, capture_output=True, text=True, timeout=300)
             assert want.returncode == 0, want.stderr
             got = subprocess.run(arm.python(["-m", "chatspot_edge.cli", *args]), env=env, capture_output=True,
                                  text=True, timeout=QEMU_TIMEOUT)
             assert got.returncode == 0, got.stderr[-2000:]
-            assert got.stdout == want.stdout, (question, region)
-            assert want.stdout.strip()  # a non-empty answer: the comparison compares something
+            assert got.stdout.strip() and want.stdout.strip()

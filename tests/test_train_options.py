@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from chatspot_edge.errors import InputError
 from chatspot_edge.model.checkpoint import load_checkpoint
+from chatspot_edge.model.preprocess import region_crops
 from chatspot_edge.model.processor import Processor
 from chatspot_edge.train import adapt as adapt_mod
 from chatspot_edge.train.adapt import AdaptOptions, adapt
@@ -96,9 +97,11 @@ def test_eval_every_records_the_learning_curve(spot, tmp_path):
     _adapt(spot, tmp_path / "curve", steps=4, eval_every=2, eval_samples=8)
     log = json.loads((tmp_path / "curve" / "training_log.json").read_text())
     assert [e["step"] for e in log["evals"]] == [2, 4]
-    last = {k: log["evals"][-1][k] for k in ("region_recognition", "point_qa")}
     model, tok = load_checkpoint(tmp_path / "curve")
-    assert last == quick_eval(model, tok, spot, 8)  # the last point is the saved checkpoint's score
+    score = quick_eval(model, tok, spot, 8)
+    assert {"region_recognition", "point_qa"} <= set(score)  # every accuracy the records allow
+    last = {k: log["evals"][-1][k] for k in score}
+    assert last == score  # the last point is the saved checkpoint's score
 
 
 def test_per_sample_loss_weighs_each_sample_alike(spread):
@@ -119,8 +122,10 @@ def test_per_sample_loss_weighs_each_sample_alike(spread):
     mask = torch.zeros((2, T), dtype=torch.long)
     for i, e in enumerate(encs):
         ids[i, :len(e.ids)], labels[i, :len(e.ids)], mask[i, :len(e.ids)] = torch.tensor(e.ids), torch.tensor(e.labels), 1
-    args = dict(attention_mask=mask, pixels=torch.zeros(2, 64, 64, 3, dtype=torch.uint8),
-                boxes=torch.tensor([encs[0].boxes[0]]), box_batch=torch.tensor([0]))
+    pixels = torch.zeros(2, 64, 64, 3, dtype=torch.uint8)
+    crops = torch.from_numpy(region_crops(pixels[0].numpy(), [encs[0].boxes[0]], model.config.region_crop_size))
+    args = dict(attention_mask=mask, pixels=pixels, boxes=torch.tensor([encs[0].boxes[0]]), box_batch=torch.tensor([0]),
+                crops=crops)
     with torch.no_grad():
         logits = model(ids, **args).logits
         per_sample = model(ids, labels=labels, per_sample=True, **args).loss
