@@ -16,7 +16,7 @@ CMAKE ?= cmake
 # llama.cpp CPU build for the CPU it runs on: chatspot_edge/cpu.py maps this CPU's instruction sets to ggml's
 # options (GGML_NATIVE=OFF, each option explicit; AMX kernels always off: ggml's AMX matmul segfaults on
 # quantized models, an upstream bug). The wheel cache is keyed by the resulting options.
-# Override for another target, e.g. `make setup LLAMA_CPU_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON"`.
+# Override for another target: `make setup LLAMA_CPU_FLAGS="-DGGML_NATIVE=OFF ..."`, one -DGGML_<SET>=ON|OFF per option (docs/build.md).
 LLAMA_CPU_FLAGS ?= $(shell $(PYTHON) chatspot_edge/cpu.py cmake-flags)
 # Portable: `make setup PORTABLE=1` builds one wheel for CPUs you don't know: ggml's GGML_BACKEND_DL +
 # GGML_CPU_ALL_VARIANTS, one libggml-cpu-<variant>.so per instruction-set level in llama_cpp/lib, the best one for
