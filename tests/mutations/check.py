@@ -48,7 +48,8 @@ MUTATIONS = [
         ("model/llama_gguf.py", "            w = unpermute_qk(w, n_head_kv)\n", "            pass\n"),
     ], ["tests/test_export_gguf.py", "tests/test_presets.py"], "metadata or smollm2"),
     Mutation("region-dropped-runtime", "the runtime feeds a zero row where the region embedding goes", [
-        ("runtime/engine.py", "segs.append(region_embeds[i:i + 1])", "segs.append(0 * region_embeds[i:i + 1])"),
+        ("runtime/engine.py", "return [emb[p:p + 1] if isinstance(p, int) else p for p in parts]",
+         "return [0 * emb[p:p + 1] if isinstance(p, int) else p for p in parts]"),
     ], ["tests/test_runtime.py"], "greedy or protocol"),
     Mutation("region-dropped-model", "the torch model leaves the <region> token's own embedding in place", [
         ("model/chatspot.py", "            emb = emb.masked_scatter(rmask, region.to(emb.dtype))\n", "            pass\n"),
@@ -56,11 +57,11 @@ MUTATIONS = [
         "change_the_output or injection or full_chain"),
     Mutation("kv-reuse", "a parked session is not saved: on its return it continues on the slot's KV (the other "
              "session's)", [
-        ("runtime/engine.py", "            victim._saved = self.llm.seq_save(slot)", "            victim._saved = b'parked'"),
+        ("runtime/engine.py", "victim._saved = self.llm.seq_save(slot) if victim._len else None",
+         "victim._saved = b'parked' if victim._len else None"),
         ("runtime/engine.py", "        self.llm.seq_rm(slot, 0, -1)\n        self._slots[slot] = session",
          "        if session._saved is None:\n            self.llm.seq_rm(slot, 0, -1)\n        self._slots[slot] = session"),
-        ("runtime/engine.py", "            self.llm.seq_load(slot, session._saved)",
-         "            self.llm.seq_rm(slot, session._len, -1)"),
+        ("runtime/engine.py", "self.llm.seq_load(slot, session._saved)", "self.llm.seq_rm(slot, session._len, -1)"),
     ], ["tests/test_runtime.py", "tests/test_session.py"], "leak or reset"),
     Mutation("ocr-case", "score OCR case-sensitively", [
         ("evaluation/protocol.py", "    return a.lower() == text.strip().lower()", "    return a == text.strip()"),
@@ -94,8 +95,8 @@ MUTATIONS = [
         ("evaluation/protocol.py", "d = rng.uniform(-s, s, size=4) * np.array", "d = rng.uniform(-s, s) * np.array"),
     ], ["tests/test_protocol.py"], "noisy"),
     Mutation("grad-accum-last-only", "--grad-accum: gradients cleared before each micro-batch (only the last counts)", [
-        ("train/adapt.py", "                (out.loss / opts.grad_accum).backward()",
-         "                opt.zero_grad(set_to_none=True)\n                (out.loss / opts.grad_accum).backward()"),
+        ("train/adapt.py", "                (loss / opts.grad_accum).backward()",
+         "                opt.zero_grad(set_to_none=True)\n                (loss / opts.grad_accum).backward()"),
     ], ["tests/test_train_options.py"], "grad_accum"),
     Mutation("lora-not-merged", "--lora saves the peft-wrapped LLM without merging the adapters", [
         ("train/adapt.py", "            model.llm = model.llm.merge_and_unload()\n", "            pass\n"),
