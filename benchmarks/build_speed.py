@@ -9,8 +9,8 @@ top-level CMakeLists.txt builds any -D variant of it). For each build x GGUF x t
 - llama-bench pp `--n-prompt` / tg `--n-gen` (its own mean of `--repetitions` after a warm-up), run as a llama.cpp
   user runs it: a clean process, no OMP_* variables from us;
 - the runtime's pp / tg: `runtime.llama.LlamaModel` (the runtime's context settings) loaded from that build's
-  libllama (LLAMA_CPP_LIB_PATH) in a child process that imports chatspot_edge as the runtime does (so with the
-  OMP_WAIT_POLICY chatspot_edge/__init__ sets, or with it removed: --runtime-wait-policy), timed as llama-bench
+  libllama (LLAMA_CPP_LIB_PATH) in a child process that imports chatspot_edge as the runtime does (OpenMP as the
+  user set it; `--runtime-wait-policy unset` removes OMP_WAIT_POLICY in the child), timed as llama-bench
   times pp / tg (`runtime_decode`); median of `--repetitions` rounds after a warm-up.
 Time it under /work/notes/bin/cpu-exclusive (or on an otherwise idle machine): the figures are only as quiet as it.
 """
@@ -54,25 +54,20 @@ def runtime_decode(gguf: str, threads: int, repetitions: int, n_prompt: int = 12
 
 
 def _llama_bench(bin_dir: Path, gguf: str, threads: int, reps: int, n_prompt: int, n_gen: int, extra: list[str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
-    cmd = [str(bin_dir / "llama-bench"), "-m", gguf, "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
-           "-r", str(reps), "-o", "json", *extra]
-    rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout)
-    out = {}
-    for r in rows:
-        key = "pp" if r["n_gen"] == 0 else "tg"
-        out[f"{key}_tok_s"] = round(r["avg_ts"], 2)
-        out[f"{key}_stdev"] = round(r["stddev_ts"], 2)
-    out["cpu_info"] = rows[0].get("cpu_info")
-    return out
+    from chatspot_edge.llama_tools import llama_bench
+
+    b = llama_bench(gguf, threads, n_prompt, n_gen, reps, extra, bin_dir=bin_dir)
+    return {"pp_tok_s": b["pp_tok_s"], "pp_stdev": b["pp_tok_s_stdev"], "tg_tok_s": b["tg_tok_s"],
+            "tg_stdev": b["tg_tok_s_stdev"], "cpu_info": b["build"]["cpu_info"]}
 
 
 def _runtime_child(bin_dir: Path | None, gguf: str, threads: int, reps: int, wait_policy: str, n_prompt: int = 128,
                    n_gen: int = 64) -> dict:
-    """wait_policy: "runtime" (what chatspot_edge/__init__ sets: PASSIVE today), or "unset" (OpenMP's default: the
-    variable removed after importing chatspot_edge, before llama.cpp, hence libgomp, is loaded)."""
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
+    """wait_policy: "runtime" (the environment the runtime gets), or "unset" (OpenMP's default: the variable removed
+    after importing chatspot_edge, before llama.cpp, hence libgomp, is loaded)."""
+    from chatspot_edge.openmp import runtime_env
+
+    env = runtime_env()
     if bin_dir is not None:
         env["LLAMA_CPP_LIB_PATH"] = str(bin_dir)
     unset = "os.environ.pop('OMP_WAIT_POLICY', None); " if wait_policy == "unset" else ""
@@ -93,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-bench-args", default="", help="extra llama-bench arguments, e.g. '--repack 0'")
     ap.add_argument("--no-runtime", action="store_true", help="llama-bench only")
     ap.add_argument("--runtime-wait-policy", default="runtime",
-                    help="comma-separated: runtime (chatspot_edge's OMP_WAIT_POLICY), unset (OpenMP's default)")
+                    help="comma-separated: runtime (the runtime's environment), unset (OpenMP's default)")
     ap.add_argument("--wheel-runtime", action="store_true", help="also the runtime on the installed wheel's library")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
@@ -122,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                                   a.n_prompt, a.n_gen)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    Path(a.out).write_text(json.dumps({"created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                       "argv": sys.argv, "rows": rows}, indent=1) + "\n")
+    from chatspot_edge.files import atomic_write_text
+
+    atomic_write_text(a.out, json.dumps({"created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                         "argv": sys.argv, "rows": rows}, indent=1) + "\n")
     return 0
 
 

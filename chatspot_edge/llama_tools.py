@@ -3,7 +3,8 @@
 The tools are found in $CHATSPOT_LLAMA_TOOLS, else `native/bin` of this clone (the link `make native` writes),
 else on PATH. Before one runs, `runtime.build_guard` checks that their llama.cpp library (beside them) was built
 for instruction sets this CPU has. Each tool runs in a clean process: the environment without the OpenMP
-settings `chatspot_edge` makes for its own process, so llama-bench measures what a llama.cpp user gets.
+settings `chatspot_edge` adds to its own process (`openmp.runtime_env`), so llama-bench measures what a llama.cpp
+user gets.
 
     bench = llama_bench("model.gguf", threads=2)       # {"pp_tok_s", "tg_tok_s", ...}: llama-bench pp128 / tg64
     imatrix("model-f16.gguf", "calib.txt", "imatrix.gguf")
@@ -24,8 +25,6 @@ from chatspot_edge.errors import InputError
 TOOLS_ENV = "CHATSPOT_LLAMA_TOOLS"
 FIX = "make native"
 REPO_NATIVE = Path(__file__).resolve().parents[1] / "native" / "bin"
-# set for our own process by chatspot_edge/__init__ (or by the user): a llama.cpp user's process has none of them
-_PROCESS_ONLY_ENV = ("OMP_WAIT_POLICY",)
 
 
 def tools_dir() -> Path | None:
@@ -38,9 +37,10 @@ def tools_dir() -> Path | None:
     return Path(found).parent if found else None
 
 
-def tool(name: str) -> Path:
-    """Path of llama.cpp tool `name` (e.g. "llama-imatrix"), checked to run on this CPU; InputError if absent."""
-    d = tools_dir()
+def tool(name: str, bin_dir: Path | None = None) -> Path:
+    """Path of llama.cpp tool `name` (e.g. "llama-imatrix") in `bin_dir` (default: `tools_dir()`), checked to run on
+    this CPU; InputError if absent."""
+    d = Path(bin_dir) if bin_dir is not None else tools_dir()
     path = d / name if d is not None else None
     if path is None or not path.is_file():
         raise InputError(f"{name} not found: build llama.cpp's tools with `{FIX}` (or set {TOOLS_ENV}=DIR)")
@@ -51,16 +51,13 @@ def tool(name: str) -> Path:
     return path
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _PROCESS_ONLY_ENV}
-    env.update(extra)
-    return env
-
-
-def run_tool(name: str, args: Sequence[str], timeout: float | None = None) -> subprocess.CompletedProcess:
+def run_tool(name: str, args: Sequence[str], timeout: float | None = None,
+             bin_dir: Path | None = None) -> subprocess.CompletedProcess:
     """Run a llama.cpp tool in a clean process; RuntimeError with the tool's last lines when it fails."""
-    proc = subprocess.run([str(tool(name)), *map(str, args)], capture_output=True, text=True, env=clean_env(),
-                          timeout=timeout)
+    from chatspot_edge.openmp import runtime_env
+
+    proc = subprocess.run([str(tool(name, bin_dir)), *map(str, args)], capture_output=True, text=True,
+                          env=runtime_env(), timeout=timeout)
     if proc.returncode != 0:
         tail = " | ".join([l for l in proc.stderr.strip().splitlines() if l.strip()][-3:])
         raise RuntimeError(f"{name} failed (exit {proc.returncode}): {tail}")
@@ -68,11 +65,12 @@ def run_tool(name: str, args: Sequence[str], timeout: float | None = None) -> su
 
 
 def llama_bench(gguf: str | Path, threads: int = 2, n_prompt: int = 128, n_gen: int = 64, repetitions: int = 3,
-                extra: Sequence[str] = ()) -> dict[str, Any]:
+                extra: Sequence[str] = (), bin_dir: Path | None = None) -> dict[str, Any]:
     """llama-bench on one GGUF: prompt processing (pp `n_prompt`) and generation (tg `n_gen`) in tokens/s
-    (llama-bench's mean over `repetitions`, after its warm-up), with its build and settings."""
+    (llama-bench's mean over `repetitions`, after its warm-up), with its build and settings. `bin_dir`: another
+    build's tools (default: `tools_dir()`)."""
     args = ["-m", gguf, "-p", n_prompt, "-n", n_gen, "-t", threads, "-r", repetitions, "-o", "json", *extra]
-    rows = json.loads(run_tool("llama-bench", args).stdout)
+    rows = json.loads(run_tool("llama-bench", args, bin_dir=bin_dir).stdout)
     out: dict[str, Any] = {"threads": threads, "repetitions": repetitions}
     for r in rows:
         key = "pp" if r.get("n_prompt") and not r.get("n_gen") else "tg"
