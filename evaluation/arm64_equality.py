@@ -7,6 +7,12 @@ box and polygon questions from a SpotWorld test split, per bundle variant.
 
 Writes JSON (every question, both answers, equal or not) and prints a Markdown table. The seconds each side
 took are recorded to size CI, never as phone speed: qemu translates every instruction.
+
+`--diagnose` traces every differing answer through the runtime on both sides (`evaluation.answer_trace`: the
+pixels, crops, image and region embeddings, the logits before each token) and says where they part: which stages
+are bit-identical, how far the logits are apart, at which token the greedy choice differs and how close x86's
+top two were there; and, for scale, how far x86's own logits move when its image embeddings change by one part
+in 10^7 (a rounding-sized change).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from chatspot_edge.arm64 import ARCHES, DEFAULT_ARCH, Arm64, source_tree
 from chatspot_edge.errors import InputError
@@ -92,6 +100,59 @@ def run(bundle: Path, data: Path, variants: list[tuple[str, str]], per_kind: int
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def _coords(kind: str, region: str):
+    v = [float(x) for x in region.split(",")]
+    return [(v[i], v[i + 1]) for i in range(0, len(v), 2)] if kind == "polygon" else v
+
+
+def diagnose(result: dict, arch: str = DEFAULT_ARCH, perturb: float = 1e-7,
+             log=lambda s: print(s, file=sys.stderr, flush=True)) -> None:
+    """Adds `diagnosis` to every differing row of `result` (see the module docstring)."""
+    from chatspot_edge.evaluation.answer_trace import compare
+
+    parts = Arm64.locate(arch)
+    bundle = result["bundle"]
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as src:
+        env = parts.env(source_tree(Path(src)))
+        for i, r in enumerate(x for x in result["rows"] if not x["equal"]):
+            q = json.dumps([r["question"], r["kind"], _coords(r["kind"], r["region"])])
+            traces = {}
+            for side, extra in (("x86", []), ("aarch64", []), ("x86_perturbed", ["--perturb", str(perturb)])):
+                out = Path(tmp) / f"{i}-{side}.npz"
+                args = ["-m", "chatspot_edge.evaluation.answer_trace", bundle, r["image"], q, str(out), "--llm", r["llm"],
+                        "--vision", r["vision"], "--max-tokens", str(result["settings"]["max_tokens"]),
+                        "--threads", str(result["settings"]["threads"]), *extra]
+                cmd = parts.python(args) if side == "aarch64" else [sys.executable, *args]
+                p = subprocess.run(cmd, env=env if side == "aarch64" else None, capture_output=True, text=True,
+                                   timeout=1800)
+                if p.returncode != 0:
+                    raise RuntimeError(f"{side} trace failed ({r['id']}): {p.stderr.strip()[-500:]}")
+                with np.load(out) as z:
+                    traces[side] = {k: z[k] for k in z.files}
+            r["diagnosis"] = {"cross_isa": compare(traces["x86"], traces["aarch64"]),
+                              "x86_perturbed": {"eps": perturb, **compare(traces["x86"], traces["x86_perturbed"])}}
+            d = r["diagnosis"]["cross_isa"]
+            log(f"{r['llm']}:{r['vision']} {r['id']}: diverges at token {d['diverging_step']} (x86 top-2 margin "
+                f"{d.get('top2_margin_at_divergence', float('nan')):.3f}), logits apart by {d['logit_max_abs_diff']:.3f}")
+
+
+def diagnosis_markdown(result: dict) -> str:
+    rows = [r for r in result["rows"] if "diagnosis" in r]
+    if not rows:
+        return ""
+    out = ["| variant | record | bit-identical stages | image embeds rel. diff | logits apart (max) | diverges at token | "
+           "x86 top-2 margin there | x86 vs x86 with embeds x (1 + 1e-7 noise): logits apart |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        d, p = r["diagnosis"]["cross_isa"], r["diagnosis"]["x86_perturbed"]
+        same = ", ".join(k for k, v in d["stages"].items() if v["identical"]) or "none"
+        emb = d["stages"].get("image_embeds", {}).get("rel_to_spread", float("nan"))
+        margin = d.get("top2_margin_at_divergence")
+        out.append(f"| {r['llm']} + {r['vision']} | {r['id']} | {same} | {emb:.1e} | {d['logit_max_abs_diff']:.3f} | "
+                   f"{d['diverging_step']} | {'-' if margin is None else f'{margin:.3f}'} | {p['logit_max_abs_diff']:.3f} |")
+    return "\n".join(out)
+
+
 def markdown(result: dict) -> str:
     out = [f"{result['equal']} of {result['n']} answers identical (x86 vs aarch64 under qemu -cpu "
            f"{result['qemu_cpu']}, build -march={result['arch']}, greedy, {result['settings']['max_tokens']} tokens max)",
@@ -114,10 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--arch", default=DEFAULT_ARCH, choices=list(ARCHES))
     p.add_argument("--out", type=Path, required=True, help="JSON with every answer")
+    p.add_argument("--diagnose", action="store_true", help="trace every differing answer on both sides (see above)")
+    p.add_argument("--from-json", type=Path, help="diagnose an earlier run's JSON instead of asking again")
     a = p.parse_args(argv)
     try:
         variants = [tuple((v.split(":") + ["default"])[:2]) for v in a.variants.split(",") if v]
-        result = run(a.bundle, a.data, variants, a.per_kind, a.max_tokens, a.threads, a.arch)
+        result = (json.loads(a.from_json.read_text()) if a.from_json
+                  else run(a.bundle, a.data, variants, a.per_kind, a.max_tokens, a.threads, a.arch))
+        if a.diagnose:
+            diagnose(result, a.arch)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -125,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     atomic_write_text(a.out, json.dumps(result, indent=1) + "\n")
     print(markdown(result))
+    if a.diagnose:
+        print("\n" + diagnosis_markdown(result))
     return 0 if result["equal"] == result["n"] else 1
 
 

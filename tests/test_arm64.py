@@ -188,3 +188,19 @@ def test_ask_runs_under_qemu(arm, bundle, image, llm="Q4_0", vision="int8"):
                                  text=True, timeout=QEMU_TIMEOUT)
             assert got.returncode == 0, got.stderr[-2000:]
             assert got.stdout.strip() and want.stdout.strip()
+
+
+def test_diagnose_traces_a_differing_answer_on_both_sides(arm, bundle, image):
+    """`arm64_equality --diagnose` on one answer (marked as differing): the trace runs on x86 and under qemu and
+    names the bit-identical stages; the decoded pixels are the same bytes on both machines."""
+    from chatspot_edge.evaluation.arm64_equality import diagnose, diagnosis_markdown
+
+    row = {"id": "r0", "image": str(image), "kind": "box", "question": "What is in {region}?", "region": "10,20,100,90",
+           "llm": "Q4_0", "vision": "fp32", "equal": False}
+    result = {"bundle": str(bundle), "settings": {"max_tokens": 4, "threads": 2}, "rows": [row]}
+    diagnose(result, log=lambda s: None)
+    d = row["diagnosis"]
+    assert d["cross_isa"]["stages"]["pixels"]["identical"]
+    assert {"image_embeds", "region_embeds"} <= set(d["cross_isa"]["stages"])
+    assert d["x86_perturbed"]["eps"] == 1e-7 and d["x86_perturbed"]["stages"]["pixels"]["identical"]
+    assert "| Q4_0 + fp32 | r0 | pixels" in diagnosis_markdown(result)
