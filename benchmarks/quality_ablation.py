@@ -161,16 +161,19 @@ def collect(out: Path, variants: list[str]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
+    """Every metric of the Q4_K_M + int8 bundle (%), the checkpoint's own RR / point QA in PyTorch (the bundle's
+    parity), the stage-2 samples each variant trained on, smol-shape TTFT and the mini bundle's size."""
     pct = lambda x: "" if x is None else f"{100 * x:.1f}"  # noqa: E731
-    head = ("| variant | RR | point QA | OCR | grounding | relation | counting | noise s=0.2 | halluc. | "
-            "smol cold / follow-up TTFT ms | mini bundle MB |")
+    head = ("| variant | stage-2 samples | RR | point QA | OCR | grounding | relation | counting | noise s=0.2 | halluc. | "
+            "torch RR / point QA | smol cold / follow-up TTFT ms | mini bundle MB |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
-        b = r.get("bundle") or {}
-        t = r.get("ttft") or {}
+        b, c, t, tr = r.get("bundle") or {}, r.get("torch") or {}, r.get("ttft") or {}, r.get("train") or {}
         tt = f"{t['ttft_cold_ms']:.0f} / {t['ttft_followup_ms']:.0f}" if t.get("ttft_cold_ms") else ""
         mb = f"{r['mini_bundle_bytes'] / 1e6:.1f}" if r.get("mini_bundle_bytes") else ""
-        lines.append(f"| {r['what']} | " + " | ".join(pct(b.get(k)) for k in METRICS) + f" | {tt} | {mb} |")
+        n = f"{tr['steps'] * tr['batch_size']}" if tr.get("steps") else ""
+        torch_cell = f"{pct(c.get('region_recognition'))} / {pct(c.get('point_qa'))}" if c else ""
+        lines.append(f"| {r['what']} | {n} | " + " | ".join(pct(b.get(k)) for k in METRICS) + f" | {torch_cell} | {tt} | {mb} |")
     return "\n".join(lines)
 
 
