@@ -81,7 +81,7 @@ def train(data: Path, out: Path, variants: list[str], steps: int, stage1_steps: 
              "seconds": res["seconds"], "losses": res["losses"]}) + "\n")
 
 
-def evaluate(data: Path, out: Path, variants: list[str], limit: int | None) -> None:
+def evaluate(data: Path, out: Path, variants: list[str], limit: int | None, torch_too: bool = True) -> None:
     from chatspot_edge.evaluation import evaluate_path
     from chatspot_edge.export import export_bundle
     from chatspot_edge.quantize import quantize_bundle
@@ -96,7 +96,7 @@ def evaluate(data: Path, out: Path, variants: list[str], limit: int | None) -> N
             quantize_bundle(bundle, llm="q4_k_m", vision="int8", data=data)
         if not (d / "eval-q4km-int8.json").is_file():
             evaluate_path(bundle, data, d / "eval-q4km-int8.json", limit=limit, llm="Q4_K_M", vision="int8")
-        if not (d / "eval-torch.json").is_file():
+        if torch_too and not (d / "eval-torch.json").is_file():
             evaluate_path(d / "ckpt", data, d / "eval-torch.json", limit=limit)
 
 
@@ -147,6 +147,7 @@ def collect(out: Path, variants: list[str]) -> list[dict]:
         if (d / "train.json").is_file():
             t = json.loads((d / "train.json").read_text())
             row["train"] = {k: t[k] for k in ("steps", "stage1_steps", "batch_size", "seconds")}
+            row["train"]["turns"] = max(1, int((t.get("options") or {}).get("turns") or 1))
         if (d / "ttft-smol.json").is_file():
             v = json.loads((d / "ttft-smol.json").read_text())["variants"][0]
             row["ttft"] = {k: v.get(k) for k in ("ttft_cold_ms", "ttft_followup_ms", "bytes")}
@@ -164,14 +165,14 @@ def markdown(rows: list[dict]) -> str:
     """Every metric of the Q4_K_M + int8 bundle (%), the checkpoint's own RR / point QA in PyTorch (the bundle's
     parity), the stage-2 samples each variant trained on, smol-shape TTFT and the mini bundle's size."""
     pct = lambda x: "" if x is None else f"{100 * x:.1f}"  # noqa: E731
-    head = ("| variant | stage-2 samples | RR | point QA | OCR | grounding | relation | counting | noise s=0.2 | halluc. | "
+    head = ("| variant | stage-2 images x questions | RR | point QA | OCR | grounding | relation | counting | noise s=0.2 | halluc. | "
             "torch RR / point QA | smol cold / follow-up TTFT ms | mini bundle MB |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         b, c, t, tr = r.get("bundle") or {}, r.get("torch") or {}, r.get("ttft") or {}, r.get("train") or {}
         tt = f"{t['ttft_cold_ms']:.0f} / {t['ttft_followup_ms']:.0f}" if t.get("ttft_cold_ms") else ""
         mb = f"{r['mini_bundle_bytes'] / 1e6:.1f}" if r.get("mini_bundle_bytes") else ""
-        n = f"{tr['steps'] * tr['batch_size']}" if tr.get("steps") else ""
+        n = f"{tr['steps'] * tr['batch_size']} x {tr.get('turns', 1)}" if tr.get("steps") else ""
         torch_cell = f"{pct(c.get('region_recognition'))} / {pct(c.get('point_qa'))}" if c else ""
         lines.append(f"| {r['what']} | {n} | " + " | ".join(pct(b.get(k)) for k in METRICS) + f" | {torch_cell} | {tt} | {mb} |")
     return "\n".join(lines)
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=400)
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--no-torch", action="store_true", help="eval: skip the checkpoint's own evaluation in PyTorch")
     ap.add_argument("--md", type=Path)
     ap.add_argument("--plots", type=Path)
     a = ap.parse_args(argv)
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "train":
         train(a.data, a.out, variants, a.steps, a.stage1_steps, a.batch_size, a.max_tokens)
     elif a.cmd == "eval":
-        evaluate(a.data, a.out, variants, a.limit)
+        evaluate(a.data, a.out, variants, a.limit, torch_too=not a.no_torch)
     elif a.cmd == "ttft":
         ttft(a.data, a.out, variants)
     else:

@@ -32,5 +32,5 @@ def test_report_reads_what_each_variant_wrote(tmp_path):
     rows = collect(tmp_path, ["baseline", "all"])
     assert rows[0]["bundle"]["noise_0.2"] == 0.2 and "bundle" not in rows[1]
     table = markdown(rows)
-    assert "| first design | 864 | 25.0 | 50.0 | 0.0 | 0.0 | 40.0 | 30.0 | 20.0 | 5.0 | 26.0 / 50.0 |" in table
+    assert "| first design | 864 x 1 | 25.0 | 50.0 | 0.0 | 0.0 | 40.0 | 30.0 | 20.0 | 5.0 | 26.0 / 50.0 |" in table
     assert "| all changes |  |" in table
