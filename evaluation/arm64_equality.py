@@ -100,22 +100,18 @@ def run(bundle: Path, data: Path, variants: list[tuple[str, str]], per_kind: int
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def _coords(kind: str, region: str):
-    v = [float(x) for x in region.split(",")]
-    return [(v[i], v[i + 1]) for i in range(0, len(v), 2)] if kind == "polygon" else v
-
-
 def diagnose(result: dict, arch: str = DEFAULT_ARCH, perturb: float = 1e-7,
              log=lambda s: print(s, file=sys.stderr, flush=True)) -> None:
     """Adds `diagnosis` to every differing row of `result` (see the module docstring)."""
     from chatspot_edge.evaluation.answer_trace import compare
+    from chatspot_edge.referring import parse_numbers
 
     parts = Arm64.locate(arch)
     bundle = result["bundle"]
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as src:
         env = parts.env(source_tree(Path(src)))
         for i, r in enumerate(x for x in result["rows"] if not x["equal"]):
-            q = json.dumps([r["question"], r["kind"], _coords(r["kind"], r["region"])])
+            q = json.dumps([r["question"], r["kind"], parse_numbers(r["region"], r["kind"])])  # as `ask --KIND` reads it
             traces = {}
             for side, extra in (("x86", []), ("aarch64", []), ("x86_perturbed", ["--perturb", str(perturb)])):
                 out = Path(tmp) / f"{i}-{side}.npz"
