@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from chatspot_edge.files import atomic_write_text
+
 STAGES = ("train", "eval", "export", "bench", "table")
 METRICS = ("region_recognition", "point_qa", "region_ocr", "grounding", "noise_0.1", "noise_0.2", "noise_0.3",
            "hallucination")
@@ -121,10 +123,14 @@ def table(teacher: Path, work: Path) -> dict:
         r = kd["ttft_cold_ms"] / t["ttft_cold_ms"]
         targets.append({"name": f"{VARIANT} cold TTFT <= 0.6x the teacher's", "value": r, "pass": r <= 0.6})
     machine = ((_load(work / "bench-kd.json") or {}).get("machine") or {})
+    if not machine:  # no bench stage: the machine that trained and evaluated (this one)
+        from chatspot_edge.benchmarks.machine import cpu_count, cpu_model
+
+        machine = {"cpu": f"{cpu_model()}, {cpu_count()} cores"}
     result = {"date": _dt.date.today().isoformat(), "machine": machine.get("label") or machine.get("cpu"),
               "teacher": str(teacher), "plan": s, "rows": rows, "targets": targets}
-    (work / "distill-table.json").write_text(json.dumps(result, indent=2) + "\n")
-    (work / "distill-table.md").write_text(markdown(result))
+    atomic_write_text(work / "distill-table.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(work / "distill-table.md", markdown(result))
     return result
 
 
