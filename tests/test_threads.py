@@ -67,9 +67,12 @@ def test_measured_counts_are_applied_and_cached(bundle, own_cache):
     again = Engine.load(bundle)
     assert again.thread_plan.source == "cached" and again.llm.thread_counts() == (plan.prefill, plan.decode)
     assert again.session(_image()).ask("What?", max_tokens=4, stream=False) == answer
-    assert Engine.load(bundle, recalibrate=True).thread_plan.source == "calibrated"
+    recalibrated = Engine.load(bundle, recalibrate=True).thread_plan  # measured again: may choose other counts
+    assert recalibrated.source == "calibrated"
+    assert [(v["prefill"], v["decode"]) for v in json.loads(own_cache.read_text()).values()] == [
+        (recalibrated.prefill, recalibrated.decode)]  # the new measurement replaced the cached one
     mixed = Engine.load(bundle, decode_threads=1)  # a given decode count beside the measured prefill count
-    assert mixed.thread_plan.source == "cached+given" and mixed.llm.thread_counts() == (plan.prefill, 1)
+    assert mixed.thread_plan.source == "cached+given" and mixed.llm.thread_counts() == (recalibrated.prefill, 1)
     assert cache_path() == own_cache
 
 
