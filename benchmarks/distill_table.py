@@ -124,9 +124,9 @@ def table(teacher: Path, work: Path) -> dict:
         targets.append({"name": f"{VARIANT} cold TTFT <= 0.6x the teacher's", "value": r, "pass": r <= 0.6})
     machine = ((_load(work / "bench-kd.json") or {}).get("machine") or {})
     if not machine:  # no bench stage: the machine that trained and evaluated (this one)
-        from chatspot_edge.benchmarks.machine import cpu_count, cpu_model
+        from chatspot_edge.benchmarks.machine import machine_label
 
-        machine = {"cpu": f"{cpu_model()}, {cpu_count()} cores"}
+        machine = {"label": machine_label()}
     result = {"date": _dt.date.today().isoformat(), "machine": machine.get("label") or machine.get("cpu"),
               "teacher": str(teacher), "plan": s, "rows": rows, "targets": targets}
     atomic_write_text(work / "distill-table.json", json.dumps(result, indent=2) + "\n")

@@ -124,11 +124,16 @@ def gpu_info() -> dict[str, Any] | None:
             "cuda": torch.version.cuda, "count": torch.cuda.device_count()}
 
 
+def machine_label() -> str:
+    """How tables name this machine: 'CPU model (N cores)', N the cores this process may use."""
+    return f"{cpu_model()} ({cpu_count()} cores)"
+
+
 def machine_info(label: str | None = None) -> dict[str, Any]:
     model = cpu_model()
     cores = cpu_count()
     info: dict[str, Any] = {
-        "label": label or f"{model} ({cores} cores)",
+        "label": label or machine_label(),
         "hostname": socket.gethostname(),
         "cpu": model,
         "cores": cores,

