@@ -196,9 +196,6 @@ def run(args: argparse.Namespace, t0: float, wall0: float, how: str) -> dict:
     return result
 
 
-ROW_METRICS = (("region_recognition", "RR"), ("point_qa", "point QA"), ("region_ocr", "OCR"),
-               ("grounding", "grounding"), ("region_relation", "relation"), ("counting", "counting"),
-               ("noise_0.2", "noise s=0.2"), ("hallucination", "halluc."))
 PASSED_ON = ("preset", "device", "seed", "eval_reserve", "batch_size", "stage1_steps", "save_every", "eval_records",
              "eval_batch", "eval_dtype", "max_tokens", "steps", "minutes")
 
@@ -260,24 +257,22 @@ def run_variants(args: argparse.Namespace, t0: float) -> dict:
 
 def ablation_markdown(rows: list[dict]) -> str:
     """One row per variant: the stage-2 images x questions it bought, samples/s and every metric (%)."""
-    from chatspot_edge.benchmarks.quality_ablation import CHANGES
+    from chatspot_edge.benchmarks.quality_ablation import METRIC_LABELS, describe_variant
 
     pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    head = ("| variant | what | stage-2 images x questions | images/s | "
-            + " | ".join(label for _, label in ROW_METRICS) + " |")
+    head = "| variant | what | stage-2 images x questions | images/s | " + " | ".join(METRIC_LABELS.values()) + " |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for row in rows:
         n = row["variant"]
-        what = ("first design" if n == "baseline" else "all changes (the default)" if n == "all" else
-                f"all but: {CHANGES[n[4:]][0]}" if n.startswith("all-") else CHANGES.get(n, (n,))[0])
+        what = describe_variant(n)
         r = row["result"]
         if r is None:
-            lines.append(f"| {n} | {what} | failed (exit {row['rc']}) |" + " |" * (len(ROW_METRICS) + 1))
+            lines.append(f"| {n} | {what} | failed (exit {row['rc']}) |" + " |" * (len(METRIC_LABELS) + 1))
             continue
         m, t = {**r["metrics"], **r["extra_metrics"]}, r["train"]
         cut = " (cut by the deadline)" if t.get("deadline_cut") else ""
         lines.append(f"| {n} | {what} | {t['stage2_samples']} x {max(1, t.get('turns') or 1)}{cut} | "
-                     f"{t['samples_per_s']} | " + " | ".join(pct(m.get(k)) for k, _ in ROW_METRICS) + " |")
+                     f"{t['samples_per_s']} | " + " | ".join(pct(m.get(k)) for k in METRIC_LABELS) + " |")
     return "\n".join(lines)
 
 

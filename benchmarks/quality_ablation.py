@@ -36,8 +36,21 @@ CHANGES = {  # name: (what it changes, the AdaptOptions overrides)
     "turns": ("8 independent questions per image (shared prefix)", dict(turns=8)),
     "added_rows": ("train the added tokens' embedding rows only", dict(embeddings="added")),
 }
-METRICS = ("region_recognition", "point_qa", "region_ocr", "grounding", "region_relation", "counting",
-           "noise_0.2", "hallucination")
+METRIC_LABELS = {"region_recognition": "RR", "point_qa": "point QA", "region_ocr": "OCR", "grounding": "grounding",
+                 "region_relation": "relation", "counting": "counting", "noise_0.2": "noise s=0.2",
+                 "hallucination": "halluc."}  # every ablation table's metrics, in column order, with their headers
+METRICS = tuple(METRIC_LABELS)
+
+
+def describe_variant(name: str) -> str:
+    """What a variant name (see variant_options) changes, in words, for a table row."""
+    if name == "baseline":
+        return "first design"
+    if name == "all":
+        return "all changes (the default)"
+    if name.startswith("all-") and name[4:] in CHANGES:
+        return f"all but: {CHANGES[name[4:]][0]}"
+    return CHANGES.get(name, (name,))[0]
 
 
 def variant_options(name: str) -> dict:
@@ -138,8 +151,7 @@ def collect(out: Path, variants: list[str]) -> list[dict]:
     rows = []
     for name in variants:
         d = out / name
-        row: dict = {"variant": name, "what": "first design" if name == "baseline" else
-                     ("all changes" if name == "all" else CHANGES.get(name, (name,))[0])}
+        row: dict = {"variant": name, "what": describe_variant(name)}
         if (d / "eval-q4km-int8.json").is_file():
             row["bundle"] = _metrics(d / "eval-q4km-int8.json")
         if (d / "eval-torch.json").is_file():
@@ -165,8 +177,8 @@ def markdown(rows: list[dict]) -> str:
     """Every metric of the Q4_K_M + int8 bundle (%), the checkpoint's own RR / point QA in PyTorch (the bundle's
     parity), the stage-2 samples each variant trained on, smol-shape TTFT and the mini bundle's size."""
     pct = lambda x: "" if x is None else f"{100 * x:.1f}"  # noqa: E731
-    head = ("| variant | stage-2 images x questions | RR | point QA | OCR | grounding | relation | counting | noise s=0.2 | halluc. | "
-            "torch RR / point QA | smol cold / follow-up TTFT ms | mini bundle MB |")
+    head = ("| variant | stage-2 images x questions | " + " | ".join(METRIC_LABELS.values())
+            + " | torch RR / point QA | smol cold / follow-up TTFT ms | mini bundle MB |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         b, c, t, tr = r.get("bundle") or {}, r.get("torch") or {}, r.get("ttft") or {}, r.get("train") or {}
@@ -186,7 +198,7 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     keys = [k for k in METRICS if k not in ("noise_0.2", "hallucination")]
-    labels = ["RR", "point QA", "OCR", "grounding", "relation", "counting"]
+    labels = [METRIC_LABELS[k] for k in keys]
     shown = [r for r in rows if r.get("bundle")]
     fig, ax = plt.subplots(figsize=(9, 3.6), dpi=100)
     w = 0.8 / max(1, len(shown))

@@ -48,6 +48,9 @@ def adapt(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     grad_accum: int = typer.Option(1, "--grad-accum"),
     stage1_steps: Optional[int] = typer.Option(None, "--stage1-steps"),
+    reader_steps: Optional[int] = typer.Option(None, "--reader-steps", help="stage 0: steps of reader pre-training "
+                                               "of the region crop view on the reading questions (default: the "
+                                               "preset's; 0: none)"),
     eval_every: int = typer.Option(0, "--eval-every", help="evaluate on a test slice every K steps (0: off)"),
     eval_samples: int = typer.Option(200, "--eval-samples", help="test records in each periodic evaluation"),
     save_every: int = typer.Option(100, "--save-every", help="write a resumable checkpoint every K steps"),
@@ -63,6 +66,8 @@ def adapt(
     lr_embed: Optional[float] = typer.Option(None, "--lr-embed", help="learning rate of the token embeddings"),
     region_align: float = typer.Option(1.0, "--region-align", help="weight of the region-text alignment loss"),
     region_placement: Optional[str] = typer.Option(None, "--region-placement", help="after_box or before_answer"),
+    init: Optional[Path] = typer.Option(None, "--init", help="start from this trained checkpoint instead of the "
+                                                              "preset (its design and referring format)"),
     warm_start: Optional[Path] = typer.Option(None, "--warm-start",
                                               help="copy projector, region encoder and added-token embeddings "
                                                    "from this checkpoint (same vision encoder and hidden size)"),
@@ -89,12 +94,12 @@ def adapt(
     from chatspot_edge.train.adapt import AdaptOptions, adapt as run_adapt
 
     opts = AdaptOptions(preset=preset, data=data, out=out, minutes=minutes, steps=steps, batch_size=batch_size,
-                        grad_accum=grad_accum, stage1_steps=stage1_steps, eval_every=eval_every,
-                        eval_samples=eval_samples,
+                        grad_accum=grad_accum, stage1_steps=stage1_steps, reader_steps=reader_steps,
+                        eval_every=eval_every, eval_samples=eval_samples,
                         save_every=save_every, resume=resume, lora=lora, fsdp=fsdp, seed=seed, vision_pool=vision_pool,
                         region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed,
-                        region_align=region_align, region_placement=region_placement, warm_start=warm_start,
-                        turns=turns, embeddings=embeddings, precision=precision,
+                        region_align=region_align, region_placement=region_placement, init=init,
+                        warm_start=warm_start, turns=turns, embeddings=embeddings, precision=precision,
                         design=dict(position_2d=position_2d, region_crop=region_crop, region_geometry=region_geometry),
                         referring=referring, bins=bins, device=device)
     run_adapt(opts)

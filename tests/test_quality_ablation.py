@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from chatspot_edge.benchmarks.quality_ablation import BASELINE, CHANGES, collect, markdown, variant_options
+from chatspot_edge.benchmarks.quality_ablation import (BASELINE, CHANGES, collect, describe_variant, markdown,
+                                                      variant_options)
 
 
 def test_variants_add_changes_to_the_first_design():
@@ -19,6 +20,8 @@ def test_variants_add_changes_to_the_first_design():
     with pytest.raises(SystemExit):
         variant_options("nonsense")
     assert set(CHANGES) >= {"position_2d", "loc", "crop"}
+    assert describe_variant("all-loc") == "all but: " + CHANGES["loc"][0]
+    assert describe_variant("crop") == CHANGES["crop"][0] and describe_variant("baseline") == "first design"
 
 
 def test_report_reads_what_each_variant_wrote(tmp_path):
@@ -33,4 +36,4 @@ def test_report_reads_what_each_variant_wrote(tmp_path):
     assert rows[0]["bundle"]["noise_0.2"] == 0.2 and "bundle" not in rows[1]
     table = markdown(rows)
     assert "| first design | 864 x 1 | 25.0 | 50.0 | 0.0 | 0.0 | 40.0 | 30.0 | 20.0 | 5.0 | 26.0 / 50.0 |" in table
-    assert "| all changes |  |" in table
+    assert "| all changes (the default) |  |" in table

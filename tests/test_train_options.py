@@ -146,10 +146,21 @@ def test_cli_flags_reach_the_options(monkeypatch, tmp_path):
     monkeypatch.setattr(adapt_mod, "adapt", seen.append)
     common = ["chatspot-edge", "adapt", "--preset", "mini", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
     for extra in ([], ["--grad-accum", "4", "--lora", "--no-region-token", "--vision-pool", "1", "--eval-every", "5",
-                       "--eval-samples", "7"]):
+                       "--eval-samples", "7", "--reader-steps", "9", "--init", str(tmp_path / "ckpt")]):
         monkeypatch.setattr(sys, "argv", common + extra)
         cli.main()
     default, given = seen
-    fields = lambda o: (o.grad_accum, o.lora, o.region_token, o.vision_pool, o.eval_every, o.eval_samples)  # noqa: E731
-    assert fields(default) == (1, False, True, 2, 0, 200)
-    assert fields(given) == (4, True, False, 1, 5, 7)
+    fields = lambda o: (o.grad_accum, o.lora, o.region_token, o.vision_pool, o.eval_every, o.eval_samples,  # noqa: E731
+                        o.reader_steps, o.init)
+    assert fields(default) == (1, False, True, 2, 0, 200, None, None)
+    assert fields(given) == (4, True, False, 1, 5, 7, 9, tmp_path / "ckpt")
+
+
+def test_reader_steps_run_stage_0_before_stage_1(spot, tmp_path, init_state):
+    """--reader-steps N: the crop view trains on the reading questions first (train.reader); the checkpoint's
+    provenance says what it did; 0 (the default of the tiny preset) leaves stage 0 out."""
+    res = _adapt(spot, tmp_path / "reader", reader_steps=3)
+    assert res["reader"]["steps"] == 3 and res["reader"]["items"] > 0 and res["reader"]["crops_seen"] > 0
+    model, _ = load_checkpoint(tmp_path / "reader")
+    assert model.config.provenance["adapt"]["reader"]["steps"] == 3
+    assert _adapt(spot, tmp_path / "plain")["reader"] is None

@@ -69,6 +69,8 @@ class AdaptOptions:
     batch_size: int | None = None  # global batch (all ranks together) per optimizer step
     grad_accum: int = 1
     stage1_steps: int | None = None
+    reader_steps: int | None = None  # stage 0 (train.reader): steps of reader pre-training of the region crop view
+    # before stage 1 (None: the preset's, 0: none)
     eval_every: int = 0
     eval_samples: int = 200
     save_every: int = 100
@@ -89,7 +91,8 @@ class AdaptOptions:
     referring: str | None = None  # referring format: "text" (chatspot-text-v1) or "loc" (chatspot-loc-v1); None: the
     bins: int | None = None  # model's own (a preset: text). bins: loc's N per axis (default referring.DEFAULT_BINS)
     device: str | None = None  # cpu, cuda or auto; None: cpu, or cuda when CHATSPOT_DEVICE=cuda and a GPU is present
-    deadline: float | None = None  # wall-clock time (time.time()) by which stage 2 ends, if sooner than `minutes`
+    deadline: float | None = None  # wall-clock time (time.time()) by which stage 2 ends, if sooner than `minutes`;
+    # a hard end (steps stop at it) in a single-process run only: under torchrun it sets the step count alone
     lr_llm: float | None = None  # override the preset's LLM (transformer blocks) learning rate
     lr_proj: float | None = None  # override the preset's projector + region encoder learning rate
     lr_embed: float | None = None  # learning rate of the (tied) token embeddings; default: lr_llm
@@ -512,6 +515,9 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
         d["lr_proj"] = opts.lr_proj
     batch_size = opts.batch_size or d["batch_size"]
     stage1_steps = d["stage1_steps"] if opts.stage1_steps is None else opts.stage1_steps
+    reader_steps = d.get("reader_steps", 0) if opts.reader_steps is None else opts.reader_steps
+    if reader_steps and opts.fsdp:
+        raise InputError("--reader-steps runs before the model is sharded: not with --fsdp")
     if opts.warm_start is not None and opts.stage1_steps is None:
         stage1_steps = d.get("stage1_steps_warm", stage1_steps)
     minutes = opts.minutes if opts.minutes is not None else d["minutes"]
@@ -644,6 +650,14 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
     fwd = None
     t_start = time.perf_counter() - meta.get("elapsed", 0.0)
 
+    # ---- stage 0: the crop view learns to read (train.reader) ----------------------------------------------
+    if meta["stage"] == 1 and meta["step"] == 0 and not resumed and reader_steps > 0:
+        from chatspot_edge.train.reader import READER_BATCH, READER_LR, pretrain_reader
+
+        meta["reader"] = pretrain_reader(
+            model, tok, records, lambda rec: data1.load_image(opts.data, rec), data1.pixels, reader_steps,
+            READER_BATCH, READER_LR, opts.seed, log=lambda msg: _log(opts, rank, msg))
+
     # ---- stage 1: projector alignment ----------------------------------------------------------------------
     if meta["stage"] == 1:
         if not resumed:
@@ -754,6 +768,7 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
             model.llm = model.llm.merge_and_unload()
         model.config.provenance = dict(model.config.provenance, adapt={
             "data": str(opts.data), "stage1_steps": stage1_steps, "stage2_steps": meta["step"],
+            **({"reader": meta["reader"]} if meta.get("reader") else {}),
             "batch_size": batch_size, "train_seconds": round(elapsed, 1), "lora": opts.lora, "seed": opts.seed,
             "objective": objective.describe(),
             **({"warm_start": warm_start} if warm_start else {})})
@@ -764,7 +779,8 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
     if distributed:
         dist.barrier()
     return {"steps": meta["step"], "seconds": elapsed, "stage2_seconds": stage2_seconds, "losses": meta["losses"],
-            "evals": meta["evals"], "deadline_cut": meta.get("deadline_cut"), "model": model}
+            "evals": meta["evals"], "deadline_cut": meta.get("deadline_cut"), "reader": meta.get("reader"),
+            "model": model}
 
 
 def _shard(model: ChatSpotModel, objective) -> torch.nn.Module:

@@ -1,0 +1,135 @@
+"""Does a checkpoint's region embedding carry the word in the region? (issue 17's OCR diagnostic)
+
+    python -m chatspot_edge.benchmarks.reader_probe CKPT --data DIR --out JSON [--epochs 30] [--scratch-epochs 0]
+
+On the reading questions of DIR's train split (`train.reader.reader_items` of SpotWorld's region_ocr), answers
+case-folded into classes (those seen at least `MIN_SEEN` times: SpotWorld's 78 words and the few numbers asked about
+that often; the rest fall out), the last
+`--holdout` items held out (different images from the rest up to a boundary image):
+- readout: the share of held-out questions whose answer's first token is the top-1 of the region embedding read
+  through the LLM's final norm + tied head (what `region_alignment_loss` and the reader stage train);
+- linear probes (AdamW, standardized features) on the frozen region embedding and on the crop view alone: the
+  held-out accuracy says whether the word is in there at all, whatever the LLM does with it;
+- `--scratch-epochs N`: the crop view's architecture trained from scratch as a word classifier on the same crops,
+  the reference for what the network can read at this crop size (the held-out accuracy after each epoch).
+Chance is 1 / classes. Writes JSON (atomic) and prints one line per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from chatspot_edge.files import atomic_write_text
+
+MIN_SEEN = 5  # an answer is a class if this many reading questions have it
+
+
+def _fit(x_tr, y_tr, x_te, y_te, epochs: int, lr: float, net: nn.Module, log, name: str, bs: int = 64) -> list[float]:
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-2)
+    accs = []
+    g = torch.Generator().manual_seed(0)
+    for ep in range(epochs):
+        net.train()
+        perm = torch.randperm(len(y_tr), generator=g)
+        for k in range(0, len(perm), bs):
+            idx = perm[k:k + bs]
+            loss = nn.functional.cross_entropy(net(x_tr[idx]), y_tr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            accs.append(round(float((net(x_te).argmax(-1) == y_te).float().mean()), 4))
+        log(f"{name}: epoch {ep + 1}/{epochs} ({(ep + 1) * len(y_tr)} crops) held-out accuracy {accs[-1]:.3f}")
+    return accs
+
+
+def probe(ckpt: Path, data: Path, epochs: int = 30, scratch_epochs: int = 0, holdout: int = 500,
+          log=print) -> dict:
+    from chatspot_edge.data import load_image, load_split
+    from chatspot_edge.model.checkpoint import load_checkpoint
+    from chatspot_edge.model.preprocess import region_crops, resize_pixels
+    from chatspot_edge.train.reader import reader_items
+
+    torch.manual_seed(0)
+    model, tok = load_checkpoint(ckpt)
+    model.eval()
+    if model.region is None or model.region.crop != "original":
+        raise SystemExit(f"{ckpt}: the model has no crop view (region crop 'original') to probe")
+    records = load_split(data, "train")
+    items = reader_items(records, tasks=("region_ocr",))  # reading questions only, whatever stage 0 trains on
+    counts = Counter(it.answer.casefold() for it in items)
+    classes = sorted(a for a, n in counts.items() if n >= MIN_SEEN)
+    cls = {a: i for i, a in enumerate(classes)}
+    items = [it for it in items if it.answer.casefold() in cls]
+    if len(items) <= holdout + len(classes):
+        raise SystemExit(f"{data}: {len(items)} reading questions with a frequent answer: too few to probe")
+    t0 = time.perf_counter()
+    cfg = model.config
+    crops, region, view, first = [], [], [], []
+    with torch.no_grad():
+        for it in items:
+            rec = records[it.record]
+            img = load_image(data, rec)
+            x = torch.from_numpy(region_crops(img, [it.box], cfg.region_crop_size))
+            emb = model.encode_image(torch.from_numpy(np.array(resize_pixels(img, cfg.vision.image_size)))[None])
+            r = model.encode_regions(emb, torch.tensor([it.box], dtype=torch.float32), torch.zeros(1, dtype=torch.long),
+                                     crops=x)
+            crops.append(x)
+            region.append(r)
+            view.append(model.region.crops(x))
+            first.append(tok.encode(it.answer, add_special_tokens=False)[0])
+        crops, region, view = torch.cat(crops), torch.cat(region), torch.cat(view)
+        y = torch.tensor([cls[it.answer.casefold()] for it in items])
+        top = model.llm.lm_head(model.llm.get_decoder().norm(region)).argmax(-1)
+    log(f"{len(items)} reading questions, {len(classes)} classes, features in {time.perf_counter() - t0:.0f} s")
+    tr, te = slice(0, len(items) - holdout), slice(len(items) - holdout, None)
+    result = {"checkpoint": str(ckpt), "data": str(data), "items": len(items), "classes": len(classes),
+              "holdout": holdout, "chance": round(1 / len(classes), 4),
+              "readout_first_token": round(float((top[te] == torch.tensor(first)[te]).float().mean()), 4),
+              "region_norm": round(float(region.norm(dim=-1).mean()), 1),
+              "crop_view_norm": round(float(view.norm(dim=-1).mean()), 1)}
+    log(f"readout (norm + head top-1 = the answer's first token): {result['readout_first_token']:.3f}")
+    for name, feats in (("probe_region_embedding", region), ("probe_crop_view", view)):
+        mu, sd = feats[tr].mean(0), feats[tr].std(0) + 1e-6
+        z = (feats - mu) / sd
+        accs = _fit(z[tr], y[tr], z[te], y[te], epochs, 1e-3, nn.Linear(z.shape[1], len(classes)), lambda m: None, name)
+        result[name] = max(accs)
+        log(f"{name}: best held-out accuracy {result[name]:.3f} over {epochs} epochs")
+    if scratch_epochs:
+        net = nn.Sequential(copy.deepcopy(model.region.crops), nn.GELU(),
+                            nn.Linear(model.region.proj[-1].out_features, len(classes)))
+        for m in net.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        result["scratch"] = _fit(crops[tr], y[tr], crops[te], y[te], scratch_epochs, 1e-3, net, log, "scratch")
+        result["scratch_crops_per_epoch"] = len(items) - holdout
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--epochs", type=int, default=30, help="linear-probe epochs")
+    ap.add_argument("--scratch-epochs", type=int, default=0, help="epochs of the from-scratch reader (0: none)")
+    ap.add_argument("--holdout", type=int, default=500, help="last reading questions held out")
+    a = ap.parse_args(argv)
+    res = probe(a.checkpoint, a.data, a.epochs, a.scratch_epochs, a.holdout)
+    atomic_write_text(a.out, json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

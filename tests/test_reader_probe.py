@@ -1,0 +1,39 @@
+"""The OCR diagnostic (benchmarks/reader_probe.py) on a tiny checkpoint and a hand-made reading dataset."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image, ImageDraw
+
+from chatspot_edge.benchmarks.reader_probe import main
+from chatspot_edge.model.checkpoint import save_checkpoint
+from chatspot_edge.model.presets import build_preset
+
+
+def test_the_probe_reports_every_figure_and_finds_a_word_that_is_there(tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    lines = []
+    for k in range(18):
+        word = ("stop", "open", "exit")[k % 3]
+        im = Image.new("RGB", (96, 64), (250, 250, 250))
+        ImageDraw.Draw(im).text((8 + k % 4, 24), word, fill=(10, 10, 10))
+        im.save(data / "images" / f"{k}.png")
+        lines.append(json.dumps({"id": str(k), "image": f"images/{k}.png", "width": 96, "height": 64,
+                                 "task": "region_ocr", "conversations": [
+                                     {"from": "human", "value": "<image>\nRead <box>[0.050,0.300,0.600,0.650]</box>."},
+                                     {"from": "gpt", "value": word.upper() if k % 2 else word}]}))
+    lines.append(json.dumps({"id": "n", "image": "images/0.png", "width": 96, "height": 64, "task": "region_ocr",
+                             "conversations": [{"from": "human", "value": "<image>\nRead <box>[0.1,0.1,0.5,0.5]</box>."},
+                                               {"from": "gpt", "value": "9977"}]}))  # seen once: not a class (MIN_SEEN 5)
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    model, tok = build_preset("tiny", seed=0)
+    save_checkpoint(model, tok, tmp_path / "ckpt")
+    out = tmp_path / "probe.json"
+    assert main([str(tmp_path / "ckpt"), "--data", str(data), "--out", str(out), "--holdout", "6", "--epochs", "300",
+                 "--scratch-epochs", "2"]) == 0
+    r = json.loads(out.read_text())
+    assert (r["items"], r["classes"], r["holdout"], r["chance"]) == (18, 3, 6, 0.3333)
+    assert 0 <= r["readout_first_token"] <= 1 and len(r["scratch"]) == 2 and r["scratch_crops_per_epoch"] == 12
+    assert r["probe_crop_view"] >= 0.5  # three words drawn alike: even random conv features tell them apart
