@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from chatspot_edge.model.chatspot import ChatSpotModel
+from chatspot_edge.model.chatspot import IGNORE_INDEX, ChatSpotModel
 from chatspot_edge.model.preprocess import region_crops
 from chatspot_edge.referring import parse_regions
 
@@ -39,7 +39,6 @@ from chatspot_edge.referring import parse_regions
 READER_TASKS = ("region_ocr", "region_recognition")
 READER_BATCH = 64  # reading questions per step
 READER_LR = 1e-3  # AdamW, linear warm-up over 5% of the steps, cosine to 10%
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -79,11 +78,11 @@ def reader_items(records: list[dict], tasks: tuple[str, ...] = READER_TASKS) -> 
 
 def pretrain_reader(model: ChatSpotModel, tok, records: list[dict], load_image: Callable[[dict], object],
                     pixels: Callable[[dict], np.ndarray], steps: int, batch_size: int = READER_BATCH,
-                    lr: float = READER_LR,
-                    seed: int = 0, log: Callable[[str], None] = print) -> dict:
+                    lr: float = READER_LR, seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Train `model.region.crops` for `steps` AdamW steps of `batch_size` reading questions (see the module
     docstring). `load_image(record)`: the original image (PIL); `pixels(record)`: uint8 `[H, W, 3]` at the
-    vision encoder's size. The rest of the model is left as it was (weights and `requires_grad`).
+    vision encoder's size. The rest of the model is left as it was (weights, `requires_grad`, train / eval
+    modes).
     Returns a summary: items, crops seen, seconds, first and last loss, and the share of the last steps'
     questions whose answer's first token is the head's top-1 for the region (`first_token_acc`)."""
     region = model.region
