@@ -24,7 +24,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -57,8 +56,8 @@ def probe(ckpt: Path, data: Path, epochs: int = 30, scratch_epochs: int = 0, hol
           log=print) -> dict:
     from chatspot_edge.data import load_image, load_split
     from chatspot_edge.model.checkpoint import load_checkpoint
-    from chatspot_edge.model.preprocess import region_crops, resize_pixels
-    from chatspot_edge.train.reader import reader_items
+    from chatspot_edge.model.preprocess import resize_pixels
+    from chatspot_edge.train.reader import reader_inputs, reader_items
 
     torch.manual_seed(0)
     model, tok = load_checkpoint(ckpt)
@@ -74,21 +73,20 @@ def probe(ckpt: Path, data: Path, epochs: int = 30, scratch_epochs: int = 0, hol
     if len(items) <= holdout + len(classes):
         raise SystemExit(f"{data}: {len(items)} reading questions with a frequent answer: too few to probe")
     t0 = time.perf_counter()
-    cfg = model.config
-    crops, region, view, first = [], [], [], []
+    size = model.config.vision.image_size
+    last: dict = {}  # reader_inputs asks for a record's image, then its pixels: decode it once
+
+    def image(rec: dict):
+        if last.get("record") is not rec:
+            last.update(record=rec, image=load_image(data, rec))
+        return last["image"]
+
+    crops, context = reader_inputs(model, records, items, image, lambda rec: resize_pixels(image(rec), size), log=log)
+    crops = torch.from_numpy(crops)
     with torch.no_grad():
-        for it in items:
-            rec = records[it.record]
-            img = load_image(data, rec)
-            x = torch.from_numpy(region_crops(img, [it.box], cfg.region_crop_size))
-            emb = model.encode_image(torch.from_numpy(np.array(resize_pixels(img, cfg.vision.image_size)))[None])
-            r = model.encode_regions(emb, torch.tensor([it.box], dtype=torch.float32), torch.zeros(1, dtype=torch.long),
-                                     crops=x)
-            crops.append(x)
-            region.append(r)
-            view.append(model.region.crops(x))
-            first.append(tok.encode(it.answer, add_special_tokens=False)[0])
-        crops, region, view = torch.cat(crops), torch.cat(region), torch.cat(view)
+        view = torch.cat([model.region.crops(crops[k:k + 256]).float() for k in range(0, len(crops), 256)])
+        region = context + view  # the region embedding the LLM gets
+        first = [tok.encode(it.answer, add_special_tokens=False)[0] for it in items]
         y = torch.tensor([cls[it.answer.casefold()] for it in items])
         top = model.llm.lm_head(model.llm.get_decoder().norm(region)).argmax(-1)
     log(f"{len(items)} reading questions, {len(classes)} classes, features in {time.perf_counter() - t0:.0f} s")

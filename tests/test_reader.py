@@ -3,13 +3,14 @@ learns from them, towards the answer's tokens."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from chatspot_edge.model.presets import build_preset
 from chatspot_edge.model.preprocess import resize_pixels
-from chatspot_edge.train.reader import pretrain_reader, reader_items
+from chatspot_edge.train.reader import ReaderItem, _balanced_batches, pretrain_reader, reader_inputs, reader_items
 
 
 def _turn(question: str, answer: str) -> list[dict]:
@@ -30,6 +31,7 @@ def test_reading_questions_follow_the_task_labels_or_one_box():
                   + _turn("How many stars are there?", "2")}
     items = reader_items([labelled, unlabelled])
     assert [(i.record, i.answer) for i in items] == [(0, "stop"), (0, "a red square"), (0, "9977"), (1, "a blue star")]
+    assert [i.task for i in items] == ["region_ocr", "region_recognition", "region_ocr", None]
     assert items[0].box == pytest.approx((0.1, 0.2, 0.5, 0.4)) and items[2].box == pytest.approx((0.6, 0.1, 0.9, 0.2))
     assert [i.answer for i in reader_items([labelled], tasks=("region_ocr",))] == ["stop", "9977"]
 
@@ -77,3 +79,55 @@ def test_the_reader_stage_skips_what_it_cannot_train():
     resized, _ = build_preset("tiny", seed=0, design=dict(region_crop="resized"))
     assert pretrain_reader(resized, tok, _word_records(["stop"])[1], load, pix, steps=5)["reason"] == \
         "the model has no crop view"
+
+
+def test_batches_give_each_task_an_equal_share():
+    """Reading is the rare task (SpotWorld: 5k questions against recognition's 16k): each batch holds as many of
+    one task as of the other, and each task's questions are walked in epochs (every one seen before a repeat)."""
+    items = [_item(k, "region_ocr") for k in range(5)] + [_item(k, "region_recognition") for k in range(5, 45)]
+    batches = _balanced_batches(items, 8, np.random.default_rng(0))
+    first = [next(batches) for _ in range(10)]
+    for b in first:
+        assert sorted(items[k].task for k in b) == ["region_ocr"] * 4 + ["region_recognition"] * 4
+    reading = [k for b in first[:5] for k in b if items[k].task == "region_ocr"]  # 20 draws of 5 questions: 4 epochs
+    assert all(sorted(reading[e * 5:(e + 1) * 5]) == [0, 1, 2, 3, 4] for e in range(4))
+    assert len({k for b in first[:5] for k in b if k >= 5}) == 20  # 20 of the 40 recognition questions, no repeat
+
+
+def _item(record: int, task: str) -> ReaderItem:
+    return ReaderItem(record, (0.1, 0.1, 0.5, 0.5), "x", task)
+
+
+def test_reader_inputs_are_the_crop_and_the_rest_of_the_region_embedding():
+    """The frozen views + the crop view = what the model's region encoder gives for the box; without pixels only
+    the crops (no vision forward)."""
+    model, tok = build_preset("tiny", seed=0)
+    model.eval()
+    images, records = _word_records(["stop", "open"])
+    records[1]["conversations"] += _turn("Read <box>[0.500,0.100,0.900,0.400]</box>.", "exit")
+    items = reader_items(records)
+    load = lambda r: images[r["image"]]
+    pix = lambda r: resize_pixels(images[r["image"]], model.config.vision.image_size)
+    crops, context = reader_inputs(model, records, items, load, pix, log=lambda m: None)
+    assert crops.shape == (3, *model.config.region_crop_size, 4) and crops.dtype == np.uint8
+    with torch.no_grad():
+        for k, it in enumerate(items):
+            emb = model.encode_image(torch.from_numpy(np.array(pix(records[it.record])))[None])
+            x = torch.from_numpy(crops[k:k + 1])
+            full = model.encode_regions(emb, torch.tensor([it.box]), torch.zeros(1, dtype=torch.long), crops=x)
+            torch.testing.assert_close(context[k] + model.region.crops(x)[0], full[0], rtol=1e-4, atol=1e-4)
+    alone, none = reader_inputs(model, records, items, load, None, log=lambda m: None)
+    assert none is None and np.array_equal(alone, crops)
+
+
+def test_without_pixels_the_crop_view_trains_alone():
+    model, tok = build_preset("tiny", seed=0)
+    with torch.no_grad():
+        model.llm.get_input_embeddings().weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    images, records = _word_records(["stop", "open", "exit", "sale"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = pretrain_reader(model, tok, records, lambda r: images[r["image"]], None, steps=40, batch_size=4, lr=3e-3)
+    assert res["frozen_views"] is False and res["tasks"] == {"region_ocr": 4}
+    assert res["last_loss"] < 0.5 * res["first_loss"], res
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("region.crops.") for k in changed)

@@ -654,8 +654,11 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
     if meta["stage"] == 1 and meta["step"] == 0 and not resumed and reader_steps > 0:
         from chatspot_edge.train.reader import READER_BATCH, READER_LR, pretrain_reader
 
+        # a checkpoint's pooled and geometry views carry what its LLM reads: the crop view learns next to them; a
+        # fresh model's are random projections that stage 1 retrains: the crop view learns alone (no vision forward)
         meta["reader"] = pretrain_reader(
-            model, tok, records, lambda rec: data1.load_image(opts.data, rec), data1.pixels, reader_steps,
+            model, tok, records, lambda rec: data1.load_image(opts.data, rec),
+            data1.pixels if opts.init is not None else None, reader_steps,
             READER_BATCH, READER_LR, opts.seed, log=lambda msg: _log(opts, rank, msg))
 
     # ---- stage 1: projector alignment ----------------------------------------------------------------------

@@ -2,21 +2,25 @@
 
 The crop view (`model.region.crops`, a small conv net over a 32 x 128 aspect-kept crop of the original image) is
 the only path by which the letters inside a region reach the LLM. Trained end to end through the LLM it does not
-learn to read: in the 60-minute mini run (~7,500 OCR crops among 53k questions) a linear probe on its output
-finds the word 6% of the time (78 words), while the same network trained alone as a word classifier reads 93% of
-held-out words after 32k crops (docs/results.md, "Why OCR stays at 0"). Reading is a vision problem the answer
+learn to read: in the 60-minute mini run (~7,700 reading crops among 53k questions) a linear probe on its output
+finds the word 8.2% of the time (85 answers), while the same network trained alone as a word classifier reads
+84.4% of held-out ones after 32k crops (docs/results.md, "Why OCR stays at 0"). Reading is a vision problem the answer
 loss teaches too slowly, so it is taught first, alone:
 
-each reading question's region embedding (the crop view plus the region encoder's other views, frozen),
-read out through the LLM's frozen final norm and tied output head, should predict its answer's tokens
-(`ChatSpotModel.region_alignment_loss`, the same objective stages 1-2 add to the answer loss). Only the crop
-view trains; no LLM forward runs, so a step costs a conv net over `batch_size` crops plus one head matmul.
-The result: region embeddings that point at the word's tokens where the LLM reads words, before stage 1 starts.
+each reading question's region embedding, read out through the LLM's frozen final norm and tied output head,
+should predict its answer's tokens (`ChatSpotModel.region_alignment_loss`, the same objective stages 1-2 add to
+the answer loss). Only the crop view trains; no LLM forward runs, so a step costs a conv net over `batch_size`
+crops plus one head matmul. In a model from a checkpoint (`adapt --init`) the region embedding is the crop view
+plus the region encoder's other views (pooled image features, geometry), computed once and frozen: they carry
+what the LLM already reads. In a fresh model those views are random projections stage 1 retrains, so the crop
+view learns alone and no vision forward runs (measured: 10 s of preparation instead of 138 s for 6,318 questions).
 
 Reading questions are those of `READER_TASKS` (SpotWorld's `region_ocr` and `region_recognition`: the text and
-what the region shows); in data without task labels, every question about exactly one box. The crops and the frozen views are computed once (progress shown), then the
-crop view trains for `steps` optimizer steps over shuffled items. The stage is short and deterministic for a
-seed: a run stopped inside it starts it again on `--resume`.
+what the region shows), each task an equal share of every batch (reading is the rare one); in data without task
+labels, every question about exactly one box. The crops (and frozen views) are computed once (progress shown),
+then the crop view trains for `steps` optimizer steps. The stage is short and deterministic for a seed: a run
+stopped inside it starts it again on `--resume`; under torchrun every rank runs it alike (same seed, same
+weights), before the model is wrapped for DDP.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class ReaderItem:
     record: int
     box: tuple[float, float, float, float]
     answer: str
+    task: str | None = None  # the question's task label, where the record has one
 
 
 def _pair_tasks(rec: dict, n_pairs: int) -> list[str | None]:
@@ -72,17 +77,71 @@ def reader_items(records: list[dict], tasks: tuple[str, ...] = READER_TASKS) -> 
             regions = parse_regions(question)
             if len(regions) != 1 or regions[0].kind != "box" or not answer.strip():
                 continue
-            items.append(ReaderItem(i, regions[0].bbox(), answer.strip()))
+            items.append(ReaderItem(i, regions[0].bbox(), answer.strip(), task))
     return items
 
 
+def reader_inputs(model: ChatSpotModel, records: list[dict], items: list[ReaderItem],
+                  load_image: Callable[[dict], object], pixels: Callable[[dict], np.ndarray] | None = None,
+                  log: Callable[[str], None] = print) -> tuple[np.ndarray, torch.Tensor | None]:
+    """What the crop view reads and what it is added to, for each item, one image load (and one vision forward)
+    per record: the crops, uint8 `[N, h, w, 4]` of the box in the original image (`load_image(record)`, PIL), and,
+    when `pixels(record)` (uint8 `[H, W, 3]` at the vision encoder's size) is given, the region embedding less its
+    crop view, float32 `[N, d]` on the CPU: the pooled image features + geometry (None without `pixels`).
+    Runs under `no_grad` in the model's current modes."""
+    region = model.region
+    device = next(region.parameters()).device
+    crop_size = model.config.region_crop_size
+    crops = np.zeros((len(items), *crop_size, 4), dtype=np.uint8)
+    context = None if pixels is None else torch.zeros(len(items), region.proj[-1].out_features)
+    by_record: dict[int, list[int]] = {}
+    for k, it in enumerate(items):
+        by_record.setdefault(it.record, []).append(k)
+    t0, done = time.perf_counter(), 0
+    with torch.no_grad():
+        for n, (rec_i, ks) in enumerate(by_record.items()):
+            rec = records[rec_i]
+            crops[ks] = region_crops(load_image(rec), [items[k].box for k in ks], crop_size)
+            if context is not None:
+                x = torch.from_numpy(crops[ks]).to(device)
+                emb = model.encode_image(torch.from_numpy(np.array(pixels(rec)))[None].to(device))
+                boxes = torch.tensor([items[k].box for k in ks], dtype=torch.float32, device=device)
+                full = model.encode_regions(emb, boxes, torch.zeros(len(ks), dtype=torch.long, device=device), crops=x)
+                context[ks] = (full - region.crops(x)).float().cpu()
+            done += len(ks)
+            if (n + 1) % 500 == 0 or n + 1 == len(by_record):
+                log(f"reader inputs: {done}/{len(items)} crops{' + frozen views' if context is not None else ''} "
+                    f"({time.perf_counter() - t0:.0f} s)")
+    return crops, context
+
+
+def _balanced_batches(items: list[ReaderItem], batch_size: int, rng: np.random.Generator):
+    """Endless index batches with an equal share of each task (items without a label are one group; the
+    remainder of `batch_size` goes to the first groups), each group walked in reshuffled epochs: the rare task
+    (reading: 5k questions against recognition's 16k in SpotWorld) is seen as often as the common one."""
+    groups: dict[str | None, list[int]] = {}
+    for k, it in enumerate(items):
+        groups.setdefault(it.task, []).append(k)
+
+    def stream(pool: np.ndarray):
+        while True:
+            yield from rng.permutation(pool).tolist()
+
+    streams = [stream(np.asarray(g)) for g in groups.values()]
+    quota = [batch_size // len(streams) + (j < batch_size % len(streams)) for j in range(len(streams))]
+    while True:
+        batch = [next(s) for s, q in zip(streams, quota) for _ in range(q)]
+        yield np.asarray(batch)
+
+
 def pretrain_reader(model: ChatSpotModel, tok, records: list[dict], load_image: Callable[[dict], object],
-                    pixels: Callable[[dict], np.ndarray], steps: int, batch_size: int = READER_BATCH,
+                    pixels: Callable[[dict], np.ndarray] | None, steps: int, batch_size: int = READER_BATCH,
                     lr: float = READER_LR, seed: int = 0, log: Callable[[str], None] = print) -> dict:
-    """Train `model.region.crops` for `steps` AdamW steps of `batch_size` reading questions (see the module
-    docstring). `load_image(record)`: the original image (PIL); `pixels(record)`: uint8 `[H, W, 3]` at the
-    vision encoder's size. The rest of the model is left as it was (weights, `requires_grad`, train / eval
-    modes).
+    """Train `model.region.crops` for `steps` AdamW steps of `batch_size` reading questions, balanced over their
+    tasks (see the module docstring). `load_image(record)`: the original image (PIL); `pixels(record)`: uint8
+    `[H, W, 3]` at the vision encoder's size, for the region encoder's frozen views, or None to train the crop view
+    alone (a fresh model, whose other views are random projections stage 1 retrains: no vision forward).
+    The rest of the model is left as it was (weights, `requires_grad`, train / eval modes).
     Returns a summary: items, crops seen, seconds, first and last loss, and the share of the last steps'
     questions whose answer's first token is the head's top-1 for the region (`first_token_acc`)."""
     region = model.region
@@ -93,32 +152,19 @@ def pretrain_reader(model: ChatSpotModel, tok, records: list[dict], load_image: 
         return {"steps": 0, "reason": "no reading questions in the data"}
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    if len(items) > steps * batch_size:  # never more than the steps can see: bounds the memory of the crops
-        items = [items[k] for k in sorted(rng.choice(len(items), steps * batch_size, replace=False))]
-    device = next(region.parameters()).device
-    crop_size = model.config.region_crop_size
-
-    # the crops and the frozen views (pooled image features + geometry), once
-    crops = np.zeros((len(items), *crop_size, 4), dtype=np.uint8)
-    context = torch.zeros(len(items), region.proj[-1].out_features)
-    by_record: dict[int, list[int]] = {}
+    n_tasks = len({it.task for it in items})
+    cap = steps * -(-batch_size // n_tasks)  # the most items of one task the steps can see: bounds the crops' memory
+    by_task: dict[str | None, list[int]] = {}
     for k, it in enumerate(items):
-        by_record.setdefault(it.record, []).append(k)
+        by_task.setdefault(it.task, []).append(k)
+    keep = sorted(k for ks in by_task.values()
+                  for k in (ks if len(ks) <= cap else rng.choice(ks, cap, replace=False).tolist()))
+    items = [items[k] for k in keep]
+    device = next(region.parameters()).device
+
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    done = 0
-    with torch.no_grad():
-        for n, (rec_i, ks) in enumerate(by_record.items()):
-            rec = records[rec_i]
-            crops[ks] = region_crops(load_image(rec), [items[k].box for k in ks], crop_size)
-            x = torch.from_numpy(crops[ks]).to(device)
-            emb = model.encode_image(torch.from_numpy(np.array(pixels(rec)))[None].to(device))
-            boxes = torch.tensor([items[k].box for k in ks], dtype=torch.float32, device=device)
-            full = model.encode_regions(emb, boxes, torch.zeros(len(ks), dtype=torch.long, device=device), crops=x)
-            context[ks] = (full - region.crops(x)).float().cpu()
-            done += len(ks)
-            if (n + 1) % 500 == 0 or n + 1 == len(by_record):
-                log(f"stage 0 (reader): prepared {done}/{len(items)} reading crops ({time.perf_counter() - t0:.0f} s)")
+    crops, context = reader_inputs(model, records, items, load_image, pixels, log=lambda m: log(f"stage 0 (reader): {m}"))
     ids = [tok.encode(it.answer, add_special_tokens=False) for it in items]
     targets = torch.full((len(items), max(map(len, ids))), IGNORE_INDEX, dtype=torch.long)
     for k, x in enumerate(ids):
@@ -134,17 +180,17 @@ def pretrain_reader(model: ChatSpotModel, tok, records: list[dict], load_image: 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, steps // 20)
     region.crops.train()
-    order, pos, losses, hits, seen = rng.permutation(len(items)), 0, [], [], 0
+    batches = _balanced_batches(items, batch_size, rng)
+    losses, hits, seen = [], [], 0
     t1 = time.perf_counter()
     for step in range(steps):
-        if pos + batch_size > len(order):
-            order, pos = rng.permutation(len(items)), 0
-        idx = torch.from_numpy(order[pos:pos + batch_size].copy())
-        pos += batch_size
+        idx = next(batches)
         for g in opt.param_groups:  # linear warm-up, cosine decay to 10%
             g["lr"] = lr * (min(1.0, (step + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * step / steps)))
-        r = context[idx].to(device) + region.crops(torch.from_numpy(crops[idx.numpy()]).to(device)).float()
-        t = targets[idx].to(device)
+        r = region.crops(torch.from_numpy(crops[idx]).to(device)).float()
+        if context is not None:
+            r = r + context[torch.from_numpy(idx)].to(device)
+        t = targets[torch.from_numpy(idx)].to(device)
         loss = model.region_alignment_loss(r, torch.arange(len(idx), device=device), t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,7 +210,9 @@ def pretrain_reader(model: ChatSpotModel, tok, records: list[dict], load_image: 
         p.requires_grad = f
     for m, training in modes.items():
         m.training = training
-    return {"steps": steps, "batch_size": batch_size, "lr": lr, "items": len(items), "crops_seen": seen,
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "items": len(items),
+            "tasks": {str(t): sum(it.task == t for it in items) for t in sorted(by_task, key=str)},
+            "frozen_views": context is not None, "crops_seen": seen,
             "seconds": round(time.perf_counter() - t0, 1), "prepare_seconds": round(t_prep, 1),
             "first_loss": round(float(np.mean(losses[:10])), 4), "last_loss": round(float(np.mean(losses[-10:])), 4),
             "first_token_acc": round(float(np.mean(hits)), 4) if hits else None}
