@@ -158,12 +158,15 @@ def test_cli_flags_reach_the_options(monkeypatch, tmp_path):
 
 def test_reader_steps_run_stage_0_before_stage_1(spot, tmp_path, init_state):
     """--reader-steps N: the crop view trains on the reading questions first (train.reader), alone in a fresh
-    model, next to the region encoder's frozen views in one from --init; the checkpoint's provenance says what it
-    did; 0 (the default of the tiny preset) leaves stage 0 out."""
+    model, next to the region encoder's frozen views where they come from a checkpoint (--init, --warm-start); the
+    checkpoint's provenance says what it did; 0 (the default of the tiny preset) leaves stage 0 out."""
     res = _adapt(spot, tmp_path / "reader", reader_steps=3)
     assert res["reader"]["steps"] == 3 and res["reader"]["items"] > 0 and res["reader"]["crops_seen"] > 0
     assert res["reader"]["frozen_views"] is False
     model, _ = load_checkpoint(tmp_path / "reader")
     assert model.config.provenance["adapt"]["reader"]["steps"] == 3
     assert _adapt(spot, tmp_path / "again", reader_steps=2, init=tmp_path / "reader")["reader"]["frozen_views"] is True
+    warm = _adapt(spot, tmp_path / "warm", reader_steps=2, warm_start=tmp_path / "reader")
+    assert warm["reader"]["frozen_views"] is True
+    assert "region" in load_checkpoint(tmp_path / "warm")[0].config.provenance["adapt"]["warm_start"]["copied"]
     assert _adapt(spot, tmp_path / "plain")["reader"] is None

@@ -654,11 +654,13 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
     if meta["stage"] == 1 and meta["step"] == 0 and not resumed and reader_steps > 0:
         from chatspot_edge.train.reader import READER_BATCH, READER_LR, pretrain_reader
 
-        # a checkpoint's pooled and geometry views carry what its LLM reads: the crop view learns next to them; a
-        # fresh model's are random projections that stage 1 retrains: the crop view learns alone (no vision forward)
+        # a region encoder from a checkpoint (--init, --warm-start): its pooled and geometry views carry what an LLM
+        # reads, so the crop view learns next to them; a fresh one's are random projections that stage 1 retrains,
+        # so the crop view learns alone (no vision forward)
+        trained_views = opts.init is not None or bool(warm_start and "region" in warm_start["copied"])
         meta["reader"] = pretrain_reader(
             model, tok, records, lambda rec: data1.load_image(opts.data, rec),
-            data1.pixels if opts.init is not None else None, reader_steps,
+            data1.pixels if trained_views else None, reader_steps,
             READER_BATCH, READER_LR, opts.seed, log=lambda msg: _log(opts, rank, msg))
 
     # ---- stage 1: projector alignment ----------------------------------------------------------------------

@@ -10,10 +10,11 @@ loss teaches too slowly, so it is taught first, alone:
 each reading question's region embedding, read out through the LLM's frozen final norm and tied output head,
 should predict its answer's tokens (`ChatSpotModel.region_alignment_loss`, the same objective stages 1-2 add to
 the answer loss). Only the crop view trains; no LLM forward runs, so a step costs a conv net over `batch_size`
-crops plus one head matmul. In a model from a checkpoint (`adapt --init`) the region embedding is the crop view
-plus the region encoder's other views (pooled image features, geometry), computed once and frozen: they carry
-what the LLM already reads. In a fresh model those views are random projections stage 1 retrains, so the crop
-view learns alone and no vision forward runs (measured: 10 s of preparation instead of 138 s for 6,318 questions).
+crops plus one head matmul. With a region encoder from a checkpoint (`--init`, `--warm-start`) the region
+embedding is the crop view plus the region encoder's other views (pooled image features, geometry), computed once
+and frozen: they carry what the LLM already reads. In a fresh model those views are random projections stage 1
+retrains, so the crop view learns alone and no vision forward runs (measured: 10 s of preparation instead of 138 s
+for 6,318 questions).
 
 Reading questions are those of `READER_TASKS` (SpotWorld's `region_ocr` and `region_recognition`: the text and
 what the region shows), each task an equal share of every batch (reading is the rare one); in data without task
