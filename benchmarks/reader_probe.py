@@ -56,7 +56,6 @@ def probe(ckpt: Path, data: Path, epochs: int = 30, scratch_epochs: int = 0, hol
           log=print) -> dict:
     from chatspot_edge.data import load_image, load_split
     from chatspot_edge.model.checkpoint import load_checkpoint
-    from chatspot_edge.model.preprocess import resize_pixels
     from chatspot_edge.train.reader import reader_inputs, reader_items
 
     torch.manual_seed(0)
@@ -73,15 +72,7 @@ def probe(ckpt: Path, data: Path, epochs: int = 30, scratch_epochs: int = 0, hol
     if len(items) <= holdout + len(classes):
         raise SystemExit(f"{data}: {len(items)} reading questions with a frequent answer: too few to probe")
     t0 = time.perf_counter()
-    size = model.config.vision.image_size
-    last: dict = {}  # reader_inputs asks for a record's image, then its pixels: decode it once
-
-    def image(rec: dict):
-        if last.get("record") is not rec:
-            last.update(record=rec, image=load_image(data, rec))
-        return last["image"]
-
-    crops, context = reader_inputs(model, records, items, image, lambda rec: resize_pixels(image(rec), size), log=log)
+    crops, context = reader_inputs(model, records, items, lambda rec: load_image(data, rec), frozen_views=True, log=log)
     crops = torch.from_numpy(crops)
     with torch.no_grad():
         view = torch.cat([model.region.crops(crops[k:k + 256]).float() for k in range(0, len(crops), 256)])

@@ -56,9 +56,7 @@ def test_the_reader_stage_trains_the_crop_view_only_towards_the_answer():
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     model.train()
     model.vision.eval()
-    res = pretrain_reader(model, tok, records, lambda r: images[r["image"]],
-                          lambda r: resize_pixels(images[r["image"]], model.config.vision.image_size),
-                          steps=40, batch_size=4, lr=3e-3)
+    res = pretrain_reader(model, tok, records, lambda r: images[r["image"]], True, steps=40, batch_size=4, lr=3e-3)
     assert res["steps"] == 40 and res["items"] == 4 and res["crops_seen"] == 160
     assert res["last_loss"] < 0.5 * res["first_loss"], res  # four crops, four answers: it fits them
     after = model.state_dict()
@@ -71,13 +69,13 @@ def test_the_reader_stage_trains_the_crop_view_only_towards_the_answer():
 def test_the_reader_stage_skips_what_it_cannot_train():
     model, tok = build_preset("tiny", seed=0)
     images, records = _word_records(["stop"])
-    load, pix = (lambda r: images[r["image"]]), (lambda r: resize_pixels(images[r["image"]], (64, 64)))
-    assert pretrain_reader(model, tok, records, load, pix, steps=0)["steps"] == 0
+    load = lambda r: images[r["image"]]
+    assert pretrain_reader(model, tok, records, load, True, steps=0)["steps"] == 0
     for r in records:
         r["task"] = "point_qa"
-    assert pretrain_reader(model, tok, records, load, pix, steps=5)["reason"] == "no reading questions in the data"
+    assert pretrain_reader(model, tok, records, load, True, steps=5)["reason"] == "no reading questions in the data"
     resized, _ = build_preset("tiny", seed=0, design=dict(region_crop="resized"))
-    assert pretrain_reader(resized, tok, _word_records(["stop"])[1], load, pix, steps=5)["reason"] == \
+    assert pretrain_reader(resized, tok, _word_records(["stop"])[1], load, True, steps=5)["reason"] == \
         "the model has no crop view"
 
 
@@ -99,8 +97,8 @@ def _item(record: int, task: str) -> ReaderItem:
 
 
 def test_reader_inputs_are_the_crop_and_the_rest_of_the_region_embedding():
-    """The frozen views + the crop view = what the model's region encoder gives for the box; without pixels only
-    the crops (no vision forward)."""
+    """The frozen views + the crop view = what the model's region encoder gives for the box (the image resized as
+    training resizes it); without frozen views only the crops (no vision forward)."""
     model, tok = build_preset("tiny", seed=0)
     model.eval()
     images, records = _word_records(["stop", "open"])
@@ -108,7 +106,7 @@ def test_reader_inputs_are_the_crop_and_the_rest_of_the_region_embedding():
     items = reader_items(records)
     load = lambda r: images[r["image"]]
     pix = lambda r: resize_pixels(images[r["image"]], model.config.vision.image_size)
-    crops, context = reader_inputs(model, records, items, load, pix, log=lambda m: None)
+    crops, context = reader_inputs(model, records, items, load, frozen_views=True, log=lambda m: None)
     assert crops.shape == (3, *model.config.region_crop_size, 4) and crops.dtype == np.uint8
     with torch.no_grad():
         for k, it in enumerate(items):
@@ -116,17 +114,17 @@ def test_reader_inputs_are_the_crop_and_the_rest_of_the_region_embedding():
             x = torch.from_numpy(crops[k:k + 1])
             full = model.encode_regions(emb, torch.tensor([it.box]), torch.zeros(1, dtype=torch.long), crops=x)
             torch.testing.assert_close(context[k] + model.region.crops(x)[0], full[0], rtol=1e-4, atol=1e-4)
-    alone, none = reader_inputs(model, records, items, load, None, log=lambda m: None)
+    alone, none = reader_inputs(model, records, items, load, frozen_views=False, log=lambda m: None)
     assert none is None and np.array_equal(alone, crops)
 
 
-def test_without_pixels_the_crop_view_trains_alone():
+def test_without_frozen_views_the_crop_view_trains_alone():
     model, tok = build_preset("tiny", seed=0)
     with torch.no_grad():
         model.llm.get_input_embeddings().weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
     images, records = _word_records(["stop", "open", "exit", "sale"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = pretrain_reader(model, tok, records, lambda r: images[r["image"]], None, steps=40, batch_size=4, lr=3e-3)
+    res = pretrain_reader(model, tok, records, lambda r: images[r["image"]], False, steps=40, batch_size=4, lr=3e-3)
     assert res["frozen_views"] is False and res["tasks"] == {"region_ocr": 4}
     assert res["last_loss"] < 0.5 * res["first_loss"], res
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}

@@ -660,7 +660,7 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
         trained_views = opts.init is not None or bool(warm_start and "region" in warm_start["copied"])
         meta["reader"] = pretrain_reader(
             model, tok, records, lambda rec: data1.load_image(opts.data, rec),
-            data1.pixels if trained_views else None, reader_steps,
+            trained_views, reader_steps,
             READER_BATCH, READER_LR, opts.seed, log=lambda msg: _log(opts, rank, msg))
 
     # ---- stage 1: projector alignment ----------------------------------------------------------------------

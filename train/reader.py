@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from chatspot_edge.model.chatspot import IGNORE_INDEX, ChatSpotModel
-from chatspot_edge.model.preprocess import region_crops
+from chatspot_edge.model.preprocess import region_crops, resize_pixels
 from chatspot_edge.referring import parse_regions
 
 # What a region's crop should tell: its text (region_ocr) and what it shows (region_recognition: colour, shape).
@@ -83,46 +83,50 @@ def reader_items(records: list[dict], tasks: tuple[str, ...] = READER_TASKS) -> 
 
 
 def reader_inputs(model: ChatSpotModel, records: list[dict], items: list[ReaderItem],
-                  load_image: Callable[[dict], object], pixels: Callable[[dict], np.ndarray] | None = None,
+                  load_image: Callable[[dict], object], frozen_views: bool = False,
                   log: Callable[[str], None] = print) -> tuple[np.ndarray, torch.Tensor | None]:
-    """What the crop view reads and what it is added to, for each item, one image load (and one vision forward)
-    per record: the crops, uint8 `[N, h, w, 4]` of the box in the original image (`load_image(record)`, PIL), and,
-    when `pixels(record)` (uint8 `[H, W, 3]` at the vision encoder's size) is given, the region embedding less its
-    crop view, float32 `[N, d]` on the CPU: the pooled image features + geometry (None without `pixels`).
-    Runs under `no_grad` in the model's current modes."""
+    """What the crop view reads and what it is added to, for each item, one image load (and, with
+    `frozen_views`, one vision forward of it resized as training resizes it) per record: the crops, uint8
+    `[N, h, w, 4]` of the box in the original image (`load_image(record)`, PIL), and, with `frozen_views`, the
+    region embedding less its crop view, float32 `[N, d]` on the CPU: the pooled image features + geometry (else
+    None). Runs under `no_grad` in the model's current modes."""
     region = model.region
     device = next(region.parameters()).device
     crop_size = model.config.region_crop_size
     crops = np.zeros((len(items), *crop_size, 4), dtype=np.uint8)
-    context = None if pixels is None else torch.zeros(len(items), region.proj[-1].out_features)
-    by_record: dict[int, list[int]] = {}
-    for k, it in enumerate(items):
-        by_record.setdefault(it.record, []).append(k)
+    context = torch.zeros(len(items), region.proj[-1].out_features) if frozen_views else None
     t0, done = time.perf_counter(), 0
     with torch.no_grad():
-        for n, (rec_i, ks) in enumerate(by_record.items()):
-            rec = records[rec_i]
-            crops[ks] = region_crops(load_image(rec), [items[k].box for k in ks], crop_size)
+        for n, (rec_i, ks) in enumerate(_group(items, "record").items()):
+            image = load_image(records[rec_i])
+            crops[ks] = region_crops(image, [items[k].box for k in ks], crop_size)
             if context is not None:
                 x = torch.from_numpy(crops[ks]).to(device)
-                emb = model.encode_image(torch.from_numpy(np.array(pixels(rec)))[None].to(device))
+                pixels = np.array(resize_pixels(image, model.config.vision.image_size))  # writable
+                emb = model.encode_image(torch.from_numpy(pixels)[None].to(device))
                 boxes = torch.tensor([items[k].box for k in ks], dtype=torch.float32, device=device)
                 full = model.encode_regions(emb, boxes, torch.zeros(len(ks), dtype=torch.long, device=device), crops=x)
                 context[ks] = (full - region.crops(x)).float().cpu()
             done += len(ks)
-            if (n + 1) % 500 == 0 or n + 1 == len(by_record):
+            if (n + 1) % 500 == 0 or done == len(items):
                 log(f"reader inputs: {done}/{len(items)} crops{' + frozen views' if context is not None else ''} "
                     f"({time.perf_counter() - t0:.0f} s)")
     return crops, context
+
+
+def _group(items: list[ReaderItem], field: str) -> dict:
+    """Indices of `items` by the value of `field` ("record", "task"), in order of first appearance."""
+    groups: dict = {}
+    for k, it in enumerate(items):
+        groups.setdefault(getattr(it, field), []).append(k)
+    return groups
 
 
 def _balanced_batches(items: list[ReaderItem], batch_size: int, rng: np.random.Generator):
     """Endless index batches with an equal share of each task (items without a label are one group; the
     remainder of `batch_size` goes to the first groups), each group walked in reshuffled epochs: the rare task
     (reading: 5k questions against recognition's 16k in SpotWorld) is seen as often as the common one."""
-    groups: dict[str | None, list[int]] = {}
-    for k, it in enumerate(items):
-        groups.setdefault(it.task, []).append(k)
+    groups = _group(items, "task")
 
     def stream(pool: np.ndarray):
         while True:
@@ -136,12 +140,12 @@ def _balanced_batches(items: list[ReaderItem], batch_size: int, rng: np.random.G
 
 
 def pretrain_reader(model: ChatSpotModel, tok, records: list[dict], load_image: Callable[[dict], object],
-                    pixels: Callable[[dict], np.ndarray] | None, steps: int, batch_size: int = READER_BATCH,
+                    frozen_views: bool, steps: int, batch_size: int = READER_BATCH,
                     lr: float = READER_LR, seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Train `model.region.crops` for `steps` AdamW steps of `batch_size` reading questions, balanced over their
-    tasks (see the module docstring). `load_image(record)`: the original image (PIL); `pixels(record)`: uint8
-    `[H, W, 3]` at the vision encoder's size, for the region encoder's frozen views, or None to train the crop view
-    alone (a fresh model, whose other views are random projections stage 1 retrains: no vision forward).
+    tasks (see the module docstring). `load_image(record)`: the original image (PIL); `frozen_views`: the crop
+    view learns next to the region encoder's other views, computed once and frozen (a trained region encoder), or
+    alone (False: a fresh model, whose other views are random projections stage 1 retrains; no vision forward).
     The rest of the model is left as it was (weights, `requires_grad`, train / eval modes).
     Returns a summary: items, crops seen, seconds, first and last loss, and the share of the last steps'
     questions whose answer's first token is the head's top-1 for the region (`first_token_acc`)."""
@@ -155,9 +159,7 @@ def pretrain_reader(model: ChatSpotModel, tok, records: list[dict], load_image: 
     rng = np.random.default_rng(seed)
     n_tasks = len({it.task for it in items})
     cap = steps * -(-batch_size // n_tasks)  # the most items of one task the steps can see: bounds the crops' memory
-    by_task: dict[str | None, list[int]] = {}
-    for k, it in enumerate(items):
-        by_task.setdefault(it.task, []).append(k)
+    by_task = _group(items, "task")
     keep = sorted(k for ks in by_task.values()
                   for k in (ks if len(ks) <= cap else rng.choice(ks, cap, replace=False).tolist()))
     items = [items[k] for k in keep]
@@ -165,7 +167,7 @@ def pretrain_reader(model: ChatSpotModel, tok, records: list[dict], load_image: 
 
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    crops, context = reader_inputs(model, records, items, load_image, pixels, log=lambda m: log(f"stage 0 (reader): {m}"))
+    crops, context = reader_inputs(model, records, items, load_image, frozen_views, log=lambda m: log(f"stage 0 (reader): {m}"))
     ids = [tok.encode(it.answer, add_special_tokens=False) for it in items]
     targets = torch.full((len(items), max(map(len, ids))), IGNORE_INDEX, dtype=torch.long)
     for k, x in enumerate(ids):
