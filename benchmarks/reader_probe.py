@@ -1,13 +1,18 @@
-"""Does a checkpoint's region embedding carry the word in the region? (issue 17's OCR diagnostic)
+"""Does a checkpoint's region embedding carry the word in the region? (issue 17's OCR diagnostic; with `--task
+region_recognition`, what the region shows: the plateau diagnostic)
 
-    python -m chatspot_edge.benchmarks.reader_probe CKPT --data DIR --out JSON [--epochs 30] [--scratch-epochs 0]
+    python -m chatspot_edge.benchmarks.reader_probe CKPT --data DIR --out JSON [--task region_ocr] [--epochs 30]
+        [--scratch-epochs 0] [--max-items N]
 
-On the reading questions of DIR's train split (`train.reader.reader_items` of SpotWorld's region_ocr), answers
-case-folded into classes (those seen at least `MIN_SEEN` times: SpotWorld's 78 words and the few numbers asked about
-that often; the rest fall out), the last
-`--holdout` items held out (different images from the rest up to a boundary image):
+On the one-box questions of `--task` in DIR's train split (`train.reader.reader_items`; region_ocr: the reading
+questions), answers case-folded into classes (those seen at least `MIN_SEEN` times: SpotWorld's 78 words and the
+few numbers asked about that often; for region_recognition its size x colour x shape phrases; the rest fall out),
+the first `--max-items` of them if given, the last `--holdout` items held out (different images from the rest up
+to a boundary image):
 - readout: the share of held-out questions whose answer's first token is the top-1 of the region embedding read
-  through the LLM's final norm + tied head (what `region_alignment_loss` and the reader stage train);
+  through the LLM's final norm + tied head (what `region_alignment_loss` and the reader stage train), and the
+  share of an answer's distinct tokens among the readout's top k (k = their number: the alignment loss's bag of
+  words; recognition answers all start with "a", so this is its figure);
 - linear probes (AdamW, standardized features) on the frozen region embedding and on the crop view alone: the
   held-out accuracy says whether the word is in there at all, whatever the LLM does with it;
 - `--scratch-epochs N`: the crop view's architecture trained from scratch as a word classifier on the same crops,
@@ -53,7 +58,7 @@ def _fit(x_tr, y_tr, x_te, y_te, epochs: int, lr: float, net: nn.Module, log, na
 
 
 def probe(ckpt: Path, data: Path, epochs: int = 30, scratch_epochs: int = 0, holdout: int = 500,
-          log=print) -> dict:
+          task: str = "region_ocr", max_items: int | None = None, log=print) -> dict:
     from chatspot_edge.data import load_image, load_split
     from chatspot_edge.model.checkpoint import load_checkpoint
     from chatspot_edge.train.reader import reader_inputs, reader_items
@@ -64,30 +69,37 @@ def probe(ckpt: Path, data: Path, epochs: int = 30, scratch_epochs: int = 0, hol
     if model.region is None or model.region.crop != "original":
         raise SystemExit(f"{ckpt}: the model has no crop view (region crop 'original') to probe")
     records = load_split(data, "train")
-    items = reader_items(records, tasks=("region_ocr",))  # reading questions only, whatever stage 0 trains on
+    items = reader_items(records, tasks=(task,))  # one task's questions, whatever stage 0 trains on
     counts = Counter(it.answer.casefold() for it in items)
     classes = sorted(a for a, n in counts.items() if n >= MIN_SEEN)
     cls = {a: i for i, a in enumerate(classes)}
-    items = [it for it in items if it.answer.casefold() in cls]
+    items = [it for it in items if it.answer.casefold() in cls][:max_items]
     if len(items) <= holdout + len(classes):
-        raise SystemExit(f"{data}: {len(items)} reading questions with a frequent answer: too few to probe")
+        raise SystemExit(f"{data}: {len(items)} {task} questions with a frequent answer: too few to probe")
     t0 = time.perf_counter()
     crops, context = reader_inputs(model, records, items, lambda rec: load_image(data, rec), frozen_views=True, log=log)
     crops = torch.from_numpy(crops)
     with torch.no_grad():
         view = torch.cat([model.region.crops(crops[k:k + 256]).float() for k in range(0, len(crops), 256)])
         region = context + view  # the region embedding the LLM gets
+        answer_ids = [sorted(set(tok.encode(it.answer, add_special_tokens=False))) for it in items]
         first = [tok.encode(it.answer, add_special_tokens=False)[0] for it in items]
         y = torch.tensor([cls[it.answer.casefold()] for it in items])
-        top = model.llm.lm_head(model.llm.get_decoder().norm(region)).argmax(-1)
-    log(f"{len(items)} reading questions, {len(classes)} classes, features in {time.perf_counter() - t0:.0f} s")
+        logits = model.llm.lm_head(model.llm.get_decoder().norm(region))
+        top = logits.argmax(-1)
+        k_max = max(map(len, answer_ids))
+        topk = logits.topk(k_max, dim=-1).indices.tolist()
+        bag = [len(set(ids) & set(row[:len(ids)])) / len(ids) for ids, row in zip(answer_ids, topk)]
+    log(f"{len(items)} {task} questions, {len(classes)} classes, features in {time.perf_counter() - t0:.0f} s")
     tr, te = slice(0, len(items) - holdout), slice(len(items) - holdout, None)
-    result = {"checkpoint": str(ckpt), "data": str(data), "items": len(items), "classes": len(classes),
+    result = {"checkpoint": str(ckpt), "data": str(data), "task": task, "items": len(items), "classes": len(classes),
               "holdout": holdout, "chance": round(1 / len(classes), 4),
               "readout_first_token": round(float((top[te] == torch.tensor(first)[te]).float().mean()), 4),
+              "readout_answer_tokens": round(sum(bag[te]) / len(bag[te]), 4),
               "region_norm": round(float(region.norm(dim=-1).mean()), 1),
               "crop_view_norm": round(float(view.norm(dim=-1).mean()), 1)}
-    log(f"readout (norm + head top-1 = the answer's first token): {result['readout_first_token']:.3f}")
+    log(f"readout (norm + head top-1 = the answer's first token): {result['readout_first_token']:.3f}; "
+        f"answer tokens among its top k: {result['readout_answer_tokens']:.3f}")
     for name, feats in (("probe_region_embedding", region), ("probe_crop_view", view)):
         mu, sd = feats[tr].mean(0), feats[tr].std(0) + 1e-6
         z = (feats - mu) / sd
@@ -113,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--epochs", type=int, default=30, help="linear-probe epochs")
     ap.add_argument("--scratch-epochs", type=int, default=0, help="epochs of the from-scratch reader (0: none)")
-    ap.add_argument("--holdout", type=int, default=500, help="last reading questions held out")
+    ap.add_argument("--holdout", type=int, default=500, help="last questions held out")
+    ap.add_argument("--task", default="region_ocr", help="the questions probed (a SpotWorld task with one box)")
+    ap.add_argument("--max-items", type=int, default=None, help="probe the first N questions only")
     a = ap.parse_args(argv)
-    res = probe(a.checkpoint, a.data, a.epochs, a.scratch_epochs, a.holdout)
+    res = probe(a.checkpoint, a.data, a.epochs, a.scratch_epochs, a.holdout, a.task, a.max_items)
     atomic_write_text(a.out, json.dumps(res, indent=2) + "\n")
     return 0
 
