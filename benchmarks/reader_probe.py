@@ -1,13 +1,14 @@
 """Does a checkpoint's region embedding carry the word in the region? (issue 17's OCR diagnostic; with `--task
 region_recognition`, what the region shows: the plateau diagnostic)
 
-    python -m chatspot_edge.benchmarks.reader_probe CKPT --data DIR --out JSON [--task region_ocr] [--epochs 30]
-        [--scratch-epochs 0] [--max-items N]
+    python -m chatspot_edge.benchmarks.reader_probe CKPT --data DIR --out JSON [--task region_ocr]
+        [--attribute shape|color|size] [--epochs 30] [--scratch-epochs 0] [--max-items N]
 
 On the one-box questions of `--task` in DIR's train split (`train.reader.reader_items`; region_ocr: the reading
 questions), answers case-folded into classes (those seen at least `MIN_SEEN` times: SpotWorld's 78 words and the
-few numbers asked about that often; for region_recognition its size x colour x shape phrases; the rest fall out),
-the first `--max-items` of them if given, the last `--holdout` items held out (different images from the rest up
+few numbers asked about that often; for region_recognition its phrases, template and all; the rest fall out) or,
+with `--attribute`, the attribute of the record's object under the box (SPEC section 5's `objects`, IoU >= 0.5;
+the question's template then does not split a class), the first `--max-items` of them if given, the last `--holdout` items held out (different images from the rest up
 to a boundary image):
 - readout: the share of held-out questions whose answer's first token is the top-1 of the region embedding read
   through the LLM's final norm + tied head (what `region_alignment_loss` and the reader stage train), and the
@@ -57,8 +58,22 @@ def _fit(x_tr, y_tr, x_te, y_te, epochs: int, lr: float, net: nn.Module, log, na
     return accs
 
 
+def _object_attribute(record: dict, box: tuple[float, float, float, float], attribute: str) -> str | None:
+    """`attribute` of the record's object that the normalized `box` covers (the best IoU, at least 0.5), or None."""
+    from chatspot_edge.referring import iou
+
+    w, h = record["width"], record["height"]
+    best, value = 0.5, None
+    for obj in record.get("objects") or []:
+        x1, y1, x2, y2 = obj["box"]
+        score = iou(box, (x1 / w, y1 / h, x2 / w, y2 / h))
+        if score >= best and obj.get(attribute) is not None:
+            best, value = score, str(obj[attribute]).casefold()
+    return value
+
+
 def probe(ckpt: Path, data: Path, epochs: int = 30, scratch_epochs: int = 0, holdout: int = 500,
-          task: str = "region_ocr", max_items: int | None = None, log=print) -> dict:
+          task: str = "region_ocr", max_items: int | None = None, attribute: str | None = None, log=print) -> dict:
     from chatspot_edge.data import load_image, load_split
     from chatspot_edge.model.checkpoint import load_checkpoint
     from chatspot_edge.train.reader import reader_inputs, reader_items
@@ -70,12 +85,16 @@ def probe(ckpt: Path, data: Path, epochs: int = 30, scratch_epochs: int = 0, hol
         raise SystemExit(f"{ckpt}: the model has no crop view (region crop 'original') to probe")
     records = load_split(data, "train")
     items = reader_items(records, tasks=(task,))  # one task's questions, whatever stage 0 trains on
-    counts = Counter(it.answer.casefold() for it in items)
+    labels = [_object_attribute(records[it.record], it.box, attribute) if attribute else it.answer.casefold()
+              for it in items]
+    counts = Counter(a for a in labels if a is not None)
     classes = sorted(a for a, n in counts.items() if n >= MIN_SEEN)
     cls = {a: i for i, a in enumerate(classes)}
-    items = [it for it in items if it.answer.casefold() in cls][:max_items]
-    if len(items) <= holdout + len(classes):
-        raise SystemExit(f"{data}: {len(items)} {task} questions with a frequent answer: too few to probe")
+    kept = [(it, a) for it, a in zip(items, labels) if a in cls][:max_items]
+    items, labels = [it for it, _ in kept], [a for _, a in kept]
+    if len(classes) < 2 or len(items) <= holdout + len(classes):
+        raise SystemExit(f"{data}: {len(items)} {task} questions in {len(classes)} classes of {MIN_SEEN} or more: "
+                         "too few to probe")
     t0 = time.perf_counter()
     crops, context = reader_inputs(model, records, items, lambda rec: load_image(data, rec), frozen_views=True, log=log)
     crops = torch.from_numpy(crops)
@@ -84,7 +103,7 @@ def probe(ckpt: Path, data: Path, epochs: int = 30, scratch_epochs: int = 0, hol
         region = context + view  # the region embedding the LLM gets
         answer_ids = [sorted(set(tok.encode(it.answer, add_special_tokens=False))) for it in items]
         first = [tok.encode(it.answer, add_special_tokens=False)[0] for it in items]
-        y = torch.tensor([cls[it.answer.casefold()] for it in items])
+        y = torch.tensor([cls[a] for a in labels])
         logits = model.llm.lm_head(model.llm.get_decoder().norm(region))
         top = logits.argmax(-1)
         k_max = max(map(len, answer_ids))
@@ -92,7 +111,7 @@ def probe(ckpt: Path, data: Path, epochs: int = 30, scratch_epochs: int = 0, hol
         bag = [len(set(ids) & set(row[:len(ids)])) / len(ids) for ids, row in zip(answer_ids, topk)]
     log(f"{len(items)} {task} questions, {len(classes)} classes, features in {time.perf_counter() - t0:.0f} s")
     tr, te = slice(0, len(items) - holdout), slice(len(items) - holdout, None)
-    result = {"checkpoint": str(ckpt), "data": str(data), "task": task, "items": len(items), "classes": len(classes),
+    result = {"checkpoint": str(ckpt), "data": str(data), "task": task, "attribute": attribute, "items": len(items), "classes": len(classes),
               "holdout": holdout, "chance": round(1 / len(classes), 4),
               "readout_first_token": round(float((top[te] == torch.tensor(first)[te]).float().mean()), 4),
               "readout_answer_tokens": round(sum(bag[te]) / len(bag[te]), 4),
@@ -128,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--holdout", type=int, default=500, help="last questions held out")
     ap.add_argument("--task", default="region_ocr", help="the questions probed (a SpotWorld task with one box)")
     ap.add_argument("--max-items", type=int, default=None, help="probe the first N questions only")
+    ap.add_argument("--attribute", default=None, help="classes: this attribute of the object under the box "
+                    "(shape, color, size) instead of the answer")
     a = ap.parse_args(argv)
-    res = probe(a.checkpoint, a.data, a.epochs, a.scratch_epochs, a.holdout, a.task, a.max_items)
+    res = probe(a.checkpoint, a.data, a.epochs, a.scratch_epochs, a.holdout, a.task, a.max_items, a.attribute)
     atomic_write_text(a.out, json.dumps(res, indent=2) + "\n")
     return 0
 

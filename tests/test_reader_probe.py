@@ -55,7 +55,9 @@ def test_the_probe_takes_another_task_and_a_limit(tmp_path):
         ImageDraw.Draw(im).rectangle((10 + k % 5, 10, 50 + k % 5, 50), fill=colours[name])
         im.save(data / "images" / f"{k}.png")
         lines.append(json.dumps({"id": str(k), "image": f"images/{k}.png", "width": 96, "height": 64,
-                                 "task": "region_recognition", "conversations": [
+                                 "task": "region_recognition", "objects": [
+                                     {"box": [10 + k % 5, 10, 50 + k % 5, 50], "shape": "square", "color": name}],
+                                 "conversations": [
                                      {"from": "human", "value": "<image>\nWhat is in <box>[0.050,0.100,0.600,0.850]</box>?"},
                                      {"from": "gpt", "value": f"a {name} square"}]}))
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
@@ -68,5 +70,10 @@ def test_the_probe_takes_another_task_and_a_limit(tmp_path):
     assert (r["task"], r["items"], r["classes"]) == ("region_recognition", 21, 3)
     assert 0 <= r["readout_answer_tokens"] <= 1
     assert r["probe_crop_view"] >= 0.5  # three colours: random conv features tell them apart
-    with pytest.raises(SystemExit, match="region_ocr questions"):
+    assert main(args + ["--task", "region_recognition", "--attribute", "color"]) == 0
+    r = json.loads(out.read_text())  # the colour of the object under the box: the same three classes
+    assert (r["attribute"], r["items"], r["classes"]) == ("color", 24, 3) and r["probe_crop_view"] >= 0.5
+    with pytest.raises(SystemExit, match="1 classes"):
+        main(args + ["--task", "region_recognition", "--attribute", "shape"])  # every object a square: one class
+    with pytest.raises(SystemExit, match="0 region_ocr questions"):
         main(args)  # no reading questions here
