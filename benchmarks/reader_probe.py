@@ -8,8 +8,8 @@ On the one-box questions of `--task` in DIR's train split (`train.reader.reader_
 questions), answers case-folded into classes (those seen at least `MIN_SEEN` times: SpotWorld's 78 words and the
 few numbers asked about that often; for region_recognition its phrases, template and all; the rest fall out) or,
 with `--attribute`, the attribute of the record's object under the box (SPEC section 5's `objects`, IoU >= 0.5;
-the question's template then does not split a class), the first `--max-items` of them if given, the last `--holdout` items held out (different images from the rest up
-to a boundary image):
+the question's template then does not split a class), the first `--max-items` of them if given, the last
+`--holdout` items held out (different images from the rest up to a boundary image):
 - readout: the share of held-out questions whose answer's first token is the top-1 of the region embedding read
   through the LLM's final norm + tied head (what `region_alignment_loss` and the reader stage train), and the
   share of an answer's distinct tokens among the readout's top k (k = their number: the alignment loss's bag of
@@ -18,7 +18,8 @@ to a boundary image):
   held-out accuracy says whether the word is in there at all, whatever the LLM does with it;
 - `--scratch-epochs N`: the crop view's architecture trained from scratch as a word classifier on the same crops,
   the reference for what the network can read at this crop size (the held-out accuracy after each epoch).
-Chance is 1 / classes. Writes JSON (atomic) and prints one line per figure.
+Chance is 1 / classes. Writes JSON (atomic) and prints one line per figure. Beside a training run on a small CPU,
+run it with `OMP_NUM_THREADS=1`: two processes spinning 2 threads each on 2 cores took 9x as long per question.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from chatspot_edge.files import atomic_write_text
+from chatspot_edge.referring import iou
 
 MIN_SEEN = 5  # an answer is a class if this many reading questions have it
 
@@ -60,8 +62,6 @@ def _fit(x_tr, y_tr, x_te, y_te, epochs: int, lr: float, net: nn.Module, log, na
 
 def _object_attribute(record: dict, box: tuple[float, float, float, float], attribute: str) -> str | None:
     """`attribute` of the record's object that the normalized `box` covers (the best IoU, at least 0.5), or None."""
-    from chatspot_edge.referring import iou
-
     w, h = record["width"], record["height"]
     best, value = 0.5, None
     for obj in record.get("objects") or []:
@@ -111,8 +111,8 @@ def probe(ckpt: Path, data: Path, epochs: int = 30, scratch_epochs: int = 0, hol
         bag = [len(set(ids) & set(row[:len(ids)])) / len(ids) for ids, row in zip(answer_ids, topk)]
     log(f"{len(items)} {task} questions, {len(classes)} classes, features in {time.perf_counter() - t0:.0f} s")
     tr, te = slice(0, len(items) - holdout), slice(len(items) - holdout, None)
-    result = {"checkpoint": str(ckpt), "data": str(data), "task": task, "attribute": attribute, "items": len(items), "classes": len(classes),
-              "holdout": holdout, "chance": round(1 / len(classes), 4),
+    result = {"checkpoint": str(ckpt), "data": str(data), "task": task, "attribute": attribute,
+              "items": len(items), "classes": len(classes), "holdout": holdout, "chance": round(1 / len(classes), 4),
               "readout_first_token": round(float((top[te] == torch.tensor(first)[te]).float().mean()), 4),
               "readout_answer_tokens": round(sum(bag[te]) / len(bag[te]), 4),
               "region_norm": round(float(region.norm(dim=-1).mean()), 1),

@@ -167,7 +167,8 @@ def pretrain_reader(model: ChatSpotModel, tok, records: list[dict], load_image: 
 
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    crops, context = reader_inputs(model, records, items, load_image, frozen_views, log=lambda m: log(f"stage 0 (reader): {m}"))
+    crops, context = reader_inputs(model, records, items, load_image, frozen_views,
+                                   log=lambda m: log(f"stage 0 (reader): {m}"))
     ids = [tok.encode(it.answer, add_special_tokens=False) for it in items]
     targets = torch.full((len(items), max(map(len, ids))), IGNORE_INDEX, dtype=torch.long)
     for k, x in enumerate(ids):
