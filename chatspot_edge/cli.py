@@ -64,7 +64,13 @@ def adapt(
     blocks: Optional[str] = typer.Option(None, help="mini: SmolLM2 blocks to keep, e.g. 0,6,12,18,24,29"),
     lr_llm: Optional[float] = typer.Option(None, "--lr-llm", help="learning rate of the LLM blocks"),
     lr_embed: Optional[float] = typer.Option(None, "--lr-embed", help="learning rate of the token embeddings"),
+    lr_proj: Optional[float] = typer.Option(None, "--lr-proj", help="learning rate of the projector and the "
+                                            "region encoder"),
     region_align: float = typer.Option(1.0, "--region-align", help="weight of the region-text alignment loss"),
+    region_align_kind: Optional[str] = typer.Option(None, "--region-align-kind",
+                                                    help="region-text alignment: absolute, contrastive (which "
+                                                         "region says each answer token) or both; default: the "
+                                                         "preset's"),
     region_placement: Optional[str] = typer.Option(None, "--region-placement", help="after_box or before_answer"),
     init: Optional[Path] = typer.Option(None, "--init", help="start from this trained checkpoint instead of the "
                                                               "preset (its design and referring format)"),
@@ -97,8 +103,9 @@ def adapt(
                         grad_accum=grad_accum, stage1_steps=stage1_steps, reader_steps=reader_steps,
                         eval_every=eval_every, eval_samples=eval_samples,
                         save_every=save_every, resume=resume, lora=lora, fsdp=fsdp, seed=seed, vision_pool=vision_pool,
-                        region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed,
-                        region_align=region_align, region_placement=region_placement, init=init,
+                        region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed, lr_proj=lr_proj,
+                        region_align=region_align, region_align_kind=region_align_kind,
+                        region_placement=region_placement, init=init,
                         warm_start=warm_start, turns=turns, embeddings=embeddings, precision=precision,
                         design=dict(position_2d=position_2d, region_crop=region_crop, region_geometry=region_geometry),
                         referring=referring, bins=bins, device=device)

@@ -20,6 +20,10 @@ from chatspot_edge.model.region import RegionEncoder
 from chatspot_edge.model.vision import VisionEncoder
 
 IGNORE_INDEX = -100
+# region-text alignment losses (`ChatSpotModel.region_alignment_loss`): "absolute" (each region's answer tokens
+# under the head's softmax over the vocabulary), "contrastive" (the softmax over the batch's regions, per answer
+# token) or "both" (their sum)
+REGION_ALIGN_KINDS = ("absolute", "contrastive", "both")
 
 
 class Projector(nn.Module):
@@ -136,14 +140,16 @@ class ChatSpotModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
         box_segment: torch.Tensor | None = None,
+        region_align_kind: str = "absolute",
     ) -> ChatSpotOutput:
         """With `labels`: the loss over answer tokens only, logits computed at those positions alone (the
         49k-way softmax over prompt positions is most of the cost otherwise), averaged over tokens or, with
         `per_sample`, first within each sample (within each turn when `segments` `[B, T]` numbers the
         independent turns of a sample, see `Processor.encode_turns`; then `attention_mask` is the 4D
         `[B, 1, T, T]` boolean mask that keeps turns apart and `position_ids` `[B, T]` restart every turn).
-        `region_align` > 0 adds the region-text alignment loss (see `region_alignment_loss`) with that weight;
-        `box_segment` `[R]` is each region's turn. Without labels: full logits."""
+        `region_align` > 0 adds the region-text alignment loss of `region_align_kind` (see
+        `region_alignment_loss`) with that weight; `box_segment` `[R]` is each region's turn. Without labels: full
+        logits."""
         if image_embeds is None and pixels is not None:
             image_embeds = self.encode_image(pixels)
         emb, region = self.embed(input_ids, image_embeds, boxes, box_batch, pixels, crops, return_regions=True)
@@ -171,25 +177,43 @@ class ChatSpotModel(nn.Module):
         else:
             loss = token_loss.mean()
         if region_align > 0 and region is not None:
-            loss = loss + region_align * self.region_alignment_loss(
-                region, box_batch, targets, None if segments is None else segments[:, 1:], box_segment)
+            seg = None if segments is None else segments[:, 1:]
+            if region_align_kind not in REGION_ALIGN_KINDS:
+                raise ValueError(f"unknown region alignment {region_align_kind!r} (one of {REGION_ALIGN_KINDS})")
+            for kind in ("absolute", "contrastive"):
+                if region_align_kind in (kind, "both"):
+                    loss = loss + region_align * self.region_alignment_loss(
+                        region, box_batch, targets, seg, box_segment, contrastive=kind == "contrastive")
         return ChatSpotOutput(loss=loss, logits=logits, n_targets=int(select.sum()))
 
     def region_alignment_loss(self, region: torch.Tensor, box_batch: torch.Tensor, targets: torch.Tensor,
                               target_segments: torch.Tensor | None = None,
-                              box_segment: torch.Tensor | None = None) -> torch.Tensor:
+                              box_segment: torch.Tensor | None = None, contrastive: bool = False) -> torch.Tensor:
         """Region-text alignment (ChatSpot's stage-1 alignment, for regions): each region embedding `[R, d]`,
         read out through the LLM's final norm and (tied) output head, should predict the tokens of its
         sample's answer (of its own turn, given `target_segments` `[B, T-1]` and `box_segment` `[R]`) as a
         bag of words. It trains the region encoder directly and puts its output where the LLM reads words,
         which breaks the start-up plateau where the LLM ignores a still-random region embedding.
+
+        `contrastive`: instead of the softmax over the vocabulary, each answer token of region r is scored by the
+        softmax over the batch's regions of their logits for that token (InfoNCE, several positives where regions
+        share the token): no region can win a token every answer has ("a", "It", "is"; at best all tie, log R),
+        so the loss trains what tells this region from the others, not the common answer words the absolute
+        loss rewards. With one region in the batch it is 0. The contrast set is the regions of this forward pass:
+        a micro-batch's under `--grad-accum`, a rank's under DDP (so those are not exactly one large batch).
         targets: `[B, T-1]` next-token labels (IGNORE_INDEX outside answers)."""
-        logp = torch.log_softmax(self.llm.lm_head(self.llm.get_decoder().norm(region)).float(), dim=-1)  # [R, V]
+        logits = self.llm.lm_head(self.llm.get_decoder().norm(region)).float()  # [R, V]
         answer = targets[box_batch]  # [R, T-1]
         keep = (answer != IGNORE_INDEX) & (answer != self.config.eos_token_id)
         if target_segments is not None and box_segment is not None:
             keep &= target_segments[box_batch] == box_segment[:, None]
-        picked = torch.gather(logp, 1, answer.clamp(min=0)) * keep  # log p(answer token) per position
+        if contrastive:
+            owner, pos = keep.nonzero(as_tuple=True)  # [M]: region and position of each kept answer token
+            logq = torch.log_softmax(logits[:, answer[owner, pos]], dim=0)  # [R, M]: which region says the token
+            picked = torch.zeros_like(keep, dtype=logq.dtype)
+            picked[owner, pos] = logq[owner, torch.arange(owner.numel(), device=logq.device)]
+        else:
+            picked = torch.gather(torch.log_softmax(logits, dim=-1), 1, answer.clamp(min=0)) * keep
         return -(picked.sum(1) / keep.sum(1).clamp(min=1)).mean()
 
     # -- greedy generation ----------------------------------------------------------------------------------

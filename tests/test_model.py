@@ -158,6 +158,61 @@ def test_region_alignment_loss_trains_the_region_encoder(tiny):
     model.zero_grad()
 
 
+def test_contrastive_region_alignment_scores_which_region_says_each_token(tiny):
+    """The contrastive kind: per answer token, the softmax over the batch's regions. Alike regions score log R
+    whatever they are; a region that moves towards its own answer's word lowers the loss, one that moves towards
+    another region's word raises it; a word every answer has cannot be won (the absolute kind rewards it)."""
+    import math
+
+    import pytest
+
+    from chatspot_edge.model.chatspot import IGNORE_INDEX
+
+    model, _ = tiny
+    emb = model.llm.get_input_embeddings().weight.detach()
+    shared, red, blue, cross = 500, 501, 502, 503
+    targets = torch.full((3, 6), IGNORE_INDEX)
+    targets[:, 2:5] = torch.tensor([[shared, red, cross], [shared, blue, cross], [shared, blue, cross]])
+    targets[1, 4] = IGNORE_INDEX  # answers of different lengths
+    bb = torch.arange(3)
+    base = torch.randn(1, emb.shape[1], generator=torch.Generator().manual_seed(0)).repeat(3, 1)
+
+    def loss(region: torch.Tensor, t: torch.Tensor = targets, contrastive: bool = True) -> float:
+        with torch.no_grad():
+            return float(model.region_alignment_loss(region, bb, t, contrastive=contrastive))
+
+    def towards(token: int, rows: list[int]) -> torch.Tensor:
+        r = base.clone()
+        r[rows] += emb[token] / emb[token].norm() * base[0].norm()
+        return r
+
+    assert loss(base) == pytest.approx(math.log(3), abs=1e-5)
+    assert loss(towards(red, [0])) < math.log(3) < loss(towards(blue, [0]))
+    only_shared = torch.where(targets == shared, targets, torch.full_like(targets, IGNORE_INDEX))
+    assert loss(towards(shared, [0]), only_shared) > math.log(3)  # one region cannot win a word all answers have
+    assert loss(towards(shared, [0, 1, 2]), only_shared) == pytest.approx(math.log(3), abs=1e-5)
+    assert loss(towards(shared, [0, 1, 2]), only_shared, contrastive=False) < loss(base, only_shared,
+                                                                                    contrastive=False)
+
+
+def test_region_align_kind_both_adds_the_two_losses(tiny):
+    import pytest
+
+    model, tok = tiny
+    enc = Processor(tok, model.config).encode_turns(TURNS, 4, 512)
+    px = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    args = dict(labels=torch.tensor([enc.labels]), **regions(model, px, enc.boxes), per_sample=True)
+    with torch.no_grad():
+        losses = {kind: float(model(torch.tensor([enc.ids]), region_align=1.0, region_align_kind=kind, **args).loss)
+                  for kind in ("absolute", "contrastive", "both")}
+        base = float(model(torch.tensor([enc.ids]), **args).loss)
+    assert losses["both"] - base == pytest.approx((losses["absolute"] - base) + (losses["contrastive"] - base),
+                                                  rel=1e-4)
+    assert losses["contrastive"] > base  # two regions in the sample: a positive term
+    with pytest.raises(ValueError, match="unknown region alignment"):
+        model(torch.tensor([enc.ids]), region_align=1.0, region_align_kind="cosine", **args)
+
+
 def regions(model, px: torch.Tensor, boxes, box_batch=None) -> dict:
     """The region arguments of a forward pass: boxes, their images and their crops (read from `px`, which
     stands in for the original images here)."""

@@ -91,6 +91,23 @@ def test_no_region_token_trains_a_model_without_region_embeddings(spot, tmp_path
     assert model.config.box_start_id in enc.ids and model.config.box_end_id in enc.ids
 
 
+def test_region_align_kind_trains_and_is_recorded(spot, tmp_path):
+    """--region-align-kind: the contrastive alignment trains the region encoder differently from the absolute one
+    (the same seed and batches), the checkpoint records which one, and an unknown kind is refused."""
+    runs = {}
+    for kind in ("absolute", "contrastive"):
+        _adapt(spot, tmp_path / kind, region_align_kind=kind)
+        model, _ = load_checkpoint(tmp_path / kind)
+        assert model.config.provenance["adapt"]["objective"]["region_align_kind"] == kind
+        runs[kind] = load_file(str(tmp_path / kind / "model.safetensors"))
+    w = "region.proj.2.weight"
+    assert not torch.equal(runs["absolute"][w], runs["contrastive"][w])
+    assert torch.equal(runs["absolute"]["vision.backbone.convs.0.weight"],
+                       runs["contrastive"]["vision.backbone.convs.0.weight"])  # frozen in both
+    with pytest.raises(InputError, match="unknown region alignment"):
+        _adapt(spot, tmp_path / "bad", region_align_kind="cosine")
+
+
 def test_eval_every_records_the_learning_curve(spot, tmp_path):
     from chatspot_edge.train.adapt import quick_eval
 
@@ -146,14 +163,15 @@ def test_cli_flags_reach_the_options(monkeypatch, tmp_path):
     monkeypatch.setattr(adapt_mod, "adapt", seen.append)
     common = ["chatspot-edge", "adapt", "--preset", "mini", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
     for extra in ([], ["--grad-accum", "4", "--lora", "--no-region-token", "--vision-pool", "1", "--eval-every", "5",
-                       "--eval-samples", "7", "--reader-steps", "9", "--init", str(tmp_path / "ckpt")]):
+                       "--eval-samples", "7", "--reader-steps", "9", "--init", str(tmp_path / "ckpt"),
+                       "--region-align-kind", "contrastive", "--lr-proj", "5e-4"]):
         monkeypatch.setattr(sys, "argv", common + extra)
         cli.main()
     default, given = seen
     fields = lambda o: (o.grad_accum, o.lora, o.region_token, o.vision_pool, o.eval_every, o.eval_samples,  # noqa: E731
-                        o.reader_steps, o.init)
-    assert fields(default) == (1, False, True, 2, 0, 200, None, None)
-    assert fields(given) == (4, True, False, 1, 5, 7, 9, tmp_path / "ckpt")
+                        o.reader_steps, o.init, o.region_align_kind, o.lr_proj)
+    assert fields(default) == (1, False, True, 2, 0, 200, None, None, None, None)
+    assert fields(given) == (4, True, False, 1, 5, 7, 9, tmp_path / "ckpt", "contrastive", 5e-4)
 
 
 def test_reader_steps_run_stage_0_before_stage_1(spot, tmp_path, init_state):

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from chatspot_edge.errors import InputError
 from chatspot_edge.files import atomic_dir
-from chatspot_edge.model.chatspot import ChatSpotModel, ChatSpotOutput
+from chatspot_edge.model.chatspot import REGION_ALIGN_KINDS, ChatSpotModel, ChatSpotOutput
 from chatspot_edge.model.checkpoint import save_checkpoint
 from chatspot_edge.model.preprocess import region_crops, resize_pixels
 from chatspot_edge.model.processor import Processor
@@ -51,9 +51,10 @@ from chatspot_edge.referring import SPECIAL_TOKENS
 PRESET_DEFAULTS = {  # batch size, stage-2 minutes, stage-1 steps, LLM LR, projector LR
     "tiny": dict(batch_size=4, minutes=1.0, stage1_steps=2, lr_llm=1e-3, lr_proj=2e-3),
     # mini: training <= 12 min on 2 cores (issue 17): stage 1 ~3 min, stage 2 8 min; 8 independent questions per
-    # image on one [system + image] prefix, single-token coordinates (chatspot-loc-v1, 32 bins per axis)
+    # image on one [system + image] prefix, single-token coordinates (chatspot-loc-v1, 32 bins per axis), the
+    # contrastive region-text alignment (docs/results.md, session 10: the LLM starts to read the region)
     "mini": dict(batch_size=8, minutes=8.0, stage1_steps=60, lr_llm=3e-4, lr_proj=2e-3, turns=8, referring="loc",
-                 bins=32),
+                 bins=32, region_align_kind="contrastive"),
     "smol": dict(batch_size=16, minutes=60.0, stage1_steps=200, lr_llm=2e-4, lr_proj=2e-3,
                  stage1_steps_warm=40),  # warm-started from a trained mini: its projector is aligned already
 }
@@ -84,6 +85,7 @@ class AdaptOptions:
     max_tokens: int | None = None  # longer samples are truncated / lose whole turns (None: the preset's, or 320)
     per_sample_loss: bool = True  # average the loss within each sample first (tasks weigh alike)
     region_align: float = 1.0  # weight of the region-text alignment loss (model.region_alignment_loss)
+    region_align_kind: str | None = None  # "absolute", "contrastive" or "both" (None: the preset's)
     region_placement: str | None = None  # override the preset's: "after_box" or "before_answer"
     init: Path | None = None  # start from an existing checkpoint instead of the preset
     warm_start: Path | None = None  # copy projector, region encoder and added-token rows from this checkpoint
@@ -447,7 +449,8 @@ BATCH_META = ("index", "n_tokens")  # collated fields that describe a micro-batc
 
 class AnswerLoss:
     """The training objective of adapt: cross-entropy on answer tokens (per sample first, `per_sample`), plus
-    the region-text alignment loss with weight `region_align`.
+    the region-text alignment loss of `region_align_kind` (model.chatspot.REGION_ALIGN_KINDS) with weight
+    `region_align`.
 
     An objective is what the loop calls for a micro-batch's loss: `objective(model, features, batch) ->
     (loss, parts)`, with `features` the frozen vision encoder's output for `batch["pixels"]` and `batch` the
@@ -455,8 +458,10 @@ class AnswerLoss:
     progress line. `to(device)` moves whatever it holds besides the model; `describe()` goes into the
     checkpoint's provenance. Other objectives (train.distill.DistillObjective) plug into the same loop."""
 
-    def __init__(self, per_sample: bool = True, region_align: float = 1.0):
-        self.per_sample, self.region_align = per_sample, region_align
+    def __init__(self, per_sample: bool = True, region_align: float = 1.0, region_align_kind: str = "absolute"):
+        if region_align_kind not in REGION_ALIGN_KINDS:
+            raise InputError(f"unknown region alignment {region_align_kind!r} (one of {', '.join(REGION_ALIGN_KINDS)})")
+        self.per_sample, self.region_align, self.region_align_kind = per_sample, region_align, region_align_kind
 
     def to(self, device) -> "AnswerLoss":
         return self
@@ -467,14 +472,15 @@ class AnswerLoss:
         `region_share` scales the alignment weight (the micro-batch's share of the step's regions)."""
         batch = {k: v for k, v in batch.items() if k not in BATCH_META}
         return model(image_embeds=model.project(features), per_sample=self.per_sample,
-                     region_align=self.region_align * region_share, **batch)
+                     region_align=self.region_align * region_share, region_align_kind=self.region_align_kind, **batch)
 
     def __call__(self, model: ChatSpotModel, features: torch.Tensor, batch: dict,
                  region_share: float = 1.0) -> tuple[torch.Tensor, dict]:
         return self.output(model, features, batch, region_share).loss, {}
 
     def describe(self) -> dict:
-        return {"objective": "answer cross-entropy", "per_sample": self.per_sample, "region_align": self.region_align}
+        return {"objective": "answer cross-entropy", "per_sample": self.per_sample, "region_align": self.region_align,
+                "region_align_kind": self.region_align_kind}
 
 
 def init_distributed(device_option: str | None = None) -> tuple[int, int, str]:
@@ -572,7 +578,8 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
         raise InputError(f"--embeddings must be 'added' or 'all', got {opts.embeddings!r}")
     model.to(device)
     if objective is None:
-        objective = AnswerLoss(opts.per_sample_loss, opts.region_align)
+        objective = AnswerLoss(opts.per_sample_loss, opts.region_align,
+                               opts.region_align_kind or d.get("region_align_kind", "absolute"))
     objective.to(device)
     sharded = None
     if opts.fsdp:
