@@ -49,25 +49,25 @@ def _geometry(x: torch.Tensor) -> dict:
     return {"norm": round(float(x.float().norm(dim=-1).mean()), 3), "shared": shared_share(x)}
 
 
-def _answer_nats(model: ChatSpotModel, emb: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> float:
-    """Summed cross-entropy (nats) of the answer tokens (`labels` != IGNORE_INDEX), teacher-forced on `emb`."""
-    hidden = model.llm.get_decoder()(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+def _answer_nats(model: ChatSpotModel, hidden: torch.Tensor, labels: torch.Tensor) -> float:
+    """Summed cross-entropy (nats) of the answer tokens (`labels` != IGNORE_INDEX) from the LLM's last hidden
+    states `[B, T, d]` of a teacher-forced pass."""
     targets = labels[:, 1:]
     select = targets != IGNORE_INDEX
     logits = model.llm.lm_head(hidden[:, :-1][select]).float()
     return float(F.cross_entropy(logits, targets[select], reduction="sum"))
 
 
-def _attention(model: ChatSpotModel, emb: torch.Tensor, batch: dict) -> list[dict]:
+def _attention(model: ChatSpotModel, emb: torch.Tensor, batch: dict) -> tuple[list[dict], torch.Tensor]:
     """Per layer: attention mass from the answer-predicting positions to the region / image / first positions, summed
-    over the batch (`*_sum`, the head with the most region mass per layer kept separately) and the query count."""
+    over the batch per head (`*_sum`) with the query count; and the pass's last hidden states."""
     cfg = model.config
     llm_cfg = model.llm.config
     impl = llm_cfg._attn_implementation
     llm_cfg._attn_implementation = "eager"  # attention weights are not materialized by SDPA
     try:
-        att = model.llm.get_decoder()(inputs_embeds=emb, attention_mask=batch["attention_mask"],
-                                      output_attentions=True).attentions
+        out = model.llm.get_decoder()(inputs_embeds=emb, attention_mask=batch["attention_mask"],
+                                      output_attentions=True)
     finally:
         llm_cfg._attn_implementation = impl
     ids = batch["input_ids"]
@@ -75,14 +75,14 @@ def _attention(model: ChatSpotModel, emb: torch.Tensor, batch: dict) -> list[dic
     query = torch.zeros_like(region)
     query[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
     query &= ~region
-    out = []
-    for a in att:  # [B, H, T, T]
+    rows = []
+    for a in out.attentions:  # [B, H, T, T]
         q = query[:, None, :].expand(-1, a.shape[1], -1)  # [B, H, T]
         mass = {name: (a * keys[:, None, None, :].to(a.dtype)).sum(-1)[q].reshape(-1, a.shape[1]).float()
                 for name, keys in (("region", region), ("image", image))}
         mass["first"] = a[..., 0][q].reshape(-1, a.shape[1]).float()
-        out.append({"queries": int(query.sum()), **{f"{k}_sum": v.sum(0) for k, v in mass.items()}})
-    return out
+        rows.append({"queries": int(query.sum()), **{f"{k}_sum": v.sum(0) for k, v in mass.items()}})
+    return rows, out.last_hidden_state
 
 
 @torch.no_grad()
@@ -114,12 +114,14 @@ def reliance(model: ChatSpotModel, tok, records: list[dict], data_dir: Path, bat
         imask = (ids == cfg.image_token_id).unsqueeze(-1)
         swapped_region = emb.masked_scatter(rmask, region.roll(1, 0).to(emb.dtype))
         swapped_image = emb.masked_scatter(imask, image_embeds.roll(1, 0).to(emb.dtype))
-        for name, e in (("true", emb), ("region_swapped", swapped_region), ("image_swapped", swapped_image)):
-            nats[name] += _answer_nats(model, e, mask, labels)
+        att, hidden = _attention(model, emb, batch)  # one pass on the true inputs: attention and answer loss
+        nats["true"] += _answer_nats(model, hidden, labels)
+        for name, e in (("region_swapped", swapped_region), ("image_swapped", swapped_image)):
+            nats[name] += _answer_nats(model, model.llm.get_decoder()(inputs_embeds=e, attention_mask=mask)
+                                       .last_hidden_state, labels)
         n_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
         regions.append(region.float())
         images.append(image_embeds.float().reshape(-1, image_embeds.shape[-1]))
-        att = _attention(model, emb, batch)
         layers = att if layers is None else [{k: a[k] + b[k] for k in a} for a, b in zip(layers, att)]
     log(f"{len(records)} questions, {n_tokens} answer tokens in {time.perf_counter() - t0:.0f} s")
     per_token = {k: round(v / n_tokens, 4) for k, v in nats.items()}
