@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from chatspot_edge.errors import InputError
 from chatspot_edge.openmp import runtime_env
-from chatspot_edge.export.manifest import find_variant, region_graph, variant_entries
+from chatspot_edge.export.manifest import find_variant, region_graph, split_variant_pair, variant_entries
 
 DEFAULT_REPEATS = 5
 WORKER_TIMEOUT_S = 3600
@@ -47,8 +47,8 @@ def resolve_variants(manifest: dict, spec: str | Sequence[str] | None) -> list[d
         for item in (i.strip() for i in items):
             if not item:
                 continue
-            llm_name, _, vis_name = item.partition(":")
-            pairs.append((find_variant(manifest, "llm", llm_name or None), find_variant(manifest, "vision", vis_name or None)))
+            llm_name, vis_name = split_variant_pair(item)
+            pairs.append((find_variant(manifest, "llm", llm_name or None), find_variant(manifest, "vision", vis_name)))
         if not pairs:
             raise InputError(f"--variants {spec!r}: no variant named")
     else:

@@ -217,7 +217,9 @@ def export(
 @app.command()
 def quantize(
     bundle: Path = typer.Argument(..., help="bundle folder (variants are added to it in place, atomically)"),
-    llm: Optional[str] = typer.Option(None, "--llm", help="LLM types, comma-separated: q8_0,q6_k,q5_k_m,q4_k_m,q4_0,iq4_nl,..."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="LLM types, comma-separated: q8_0,q6_k,q5_k_m,q4_k_m,"
+                                      "q4_0,iq4_nl,...; a type may add per-tensor overrides: q4_k_m:ffn_down=q6_k "
+                                      "(PATTERN=TYPE, as llama-quantize --tensor-type)"),
     vision: Optional[str] = typer.Option(None, "--vision", help="vision precisions, comma-separated: fp16,int8"),
     coreml: bool = typer.Option(False, "--coreml", help="also Core ML int8 / 6-bit / 4-bit palettized vision packages"),
     force: bool = typer.Option(False, "--force", help="rebuild variants that are already in the bundle"),
@@ -237,6 +239,10 @@ def quantize(
                                  "are named TYPE-imatrix"),
     imatrix_records: Optional[int] = typer.Option(None, "--imatrix-records",
                                                   help="calibration conversations for --imatrix (default 600)"),
+    imatrix_source: str = typer.Option("text", "--imatrix-source",
+                                       help="text: llama-imatrix on the conversations' text; multimodal: the torch "
+                                            "checkpoint's forward pass with their images and regions (--checkpoint "
+                                            "or the manifest's)"),
 ) -> None:
     """Add quantized LLM / vision variants to a bundle (llama.cpp, onnxruntime, coremltools) and/or write a
     quality report (sizes, SPEC-6 accuracy, KL vs torch, cosine, latency) with a recommended default."""
@@ -248,7 +254,8 @@ def quantize(
 
         summary = quantize_bundle(bundle, llm=llm, vision=vision, coreml=coreml, force=force, threads=threads,
                                   int8_method=int8_method, data=data, calib=calib, imatrix=imatrix,
-                                  imatrix_records=imatrix_records, log=typer.echo)
+                                  imatrix_records=imatrix_records, imatrix_source=imatrix_source,
+                                  checkpoint=checkpoint, log=typer.echo)
         typer.echo(f"{bundle}: added {', '.join(summary['added']) or 'nothing'}"
                    + (f"; skipped {', '.join(summary['skipped'])}" if summary["skipped"] else ""))
     if report is not None:

@@ -94,7 +94,11 @@ def imatrix(gguf: str | Path, text_file: str | Path, out: str | Path, n_ctx: int
 
 
 def quantize(src: str | Path, dst: str | Path, quant: str, imatrix: str | Path | None = None,
-             threads: int = 2, timeout: float | None = None) -> str:
-    """llama-quantize `src` -> `dst` as `quant` (e.g. Q4_K_M), with an importance matrix when given."""
-    args = (["--imatrix", imatrix] if imatrix else []) + [src, dst, quant.upper(), threads]
+             threads: int = 2, timeout: float | None = None, tensor_types: Sequence[tuple[str, str]] = ()) -> str:
+    """llama-quantize `src` -> `dst` as `quant` (e.g. Q4_K_M), with an importance matrix when given and
+    `--tensor-type pattern=type` for each of `tensor_types`."""
+    args = ["--imatrix", imatrix] if imatrix else []
+    for pattern, typ in tensor_types:
+        args += ["--tensor-type", f"{pattern}={typ.lower()}"]
+    args += [src, dst, quant.upper(), threads]
     return run_tool("llama-quantize", args, timeout=timeout).stderr

@@ -79,22 +79,25 @@ def run_pipeline(preset: str = "mini", out: Path = Path("runs/demo"), minutes: f
     parity = sum(x == y for x, y in zip(a, b)) / max(1, min(len(a), len(b)))
 
     report = None
-    quant_result = None
+    quant_results: dict[str, dict] = {}
     if quantize:
-        _step("7. quantize (Q8_0, Q4_K_M, Q4_0 + fp16 / int8 vision) and the quality report")
+        _step(f"7. quantize (Q8_0, Q4_K_M, {SHIPPED_LLM}, Q4_0 + fp16 / int8 vision) and the quality report")
         from chatspot_edge.quantize import quality_report, quantize_bundle
 
         report_dir = out / f"{preset}-quant-report"
         if not (report_dir / "report.json").is_file():
-            timed("quantize", lambda: quantize_bundle(bundle, llm="q8_0,q4_k_m,q4_0", vision="fp16,int8", data=data))
+            timed("quantize", lambda: quantize_bundle(bundle, llm=f"q8_0,q4_k_m,{SHIPPED_LLM},q4_0", vision="fp16,int8",
+                                                      data=data))
             timed("quant_report", lambda: quality_report(bundle, report_dir, data=data, checkpoint=ckpt, limit=100))
         report = report_dir / "report.md"
 
-        _step("7b. evaluate the Q4_K_M LLM + int8 vision bundle through the runtime (what ships)")
-        quant_eval = out / f"{preset}-bundle-q4km-int8-eval.json"
-        if not quant_eval.is_file():
-            timed("eval_q4km_int8", lambda: evaluate_path(bundle, data, quant_eval, llm="Q4_K_M", vision="int8"))
-        quant_result = json.loads(quant_eval.read_text())
+        _step(f"7b. evaluate the Q4_K_M and {SHIPPED_LLM} LLMs + int8 vision through the runtime (the latter ships)")
+        for llm, stem in (("Q4_K_M", "q4km"), (SHIPPED_LLM, "q4km-ffn-down-q6k")):
+            quant_eval = out / f"{preset}-bundle-{stem}-int8-eval.json"
+            if not quant_eval.is_file():
+                timed(f"eval_{stem}_int8", lambda llm=llm, quant_eval=quant_eval: evaluate_path(
+                    bundle, data, quant_eval, llm=llm, vision="int8"))
+            quant_results[f"bundle {llm} + int8"] = json.loads(quant_eval.read_text())
 
     bench_table = None
     if bench:
@@ -112,7 +115,8 @@ def run_pipeline(preset: str = "mini", out: Path = Path("runs/demo"), minutes: f
         distilled = _distill_demo(preset, out, data, ckpt, ckpt_result, bundle, seed, timed, bench,
                                   DISTILL_MINUTES.get(preset, 3.0) if distill_minutes is None else distill_minutes)
 
-    _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bundle, report, bench_table, quant_result)
+    _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bundle, report, bench_table,
+                   quant_results)
     if distilled is not None:
         print(distilled["table"], file=sys.stderr)
     return {"checkpoint_eval": ckpt_result["metrics"], "bundle_eval": bundle_result["metrics"], "parity": parity,
@@ -148,6 +152,11 @@ def _ask_demo(bundle: Path, data: Path, records: list[dict]) -> list[tuple]:
     return rows
 
 
+# the 4-bit LLM the demo ships: Q4_K_M with every ffn_down matrix at Q6_K (+0.9 MB on mini). Q4_K rounds each
+# 32-weight block's offset coarsely, and ffn_down's inputs are not centred, so the shifts add up in its output
+# (docs/build.md, "Which tensors lose at 4 bits": 6 of Q4_K_M's 10 lost points of region recognition).
+SHIPPED_LLM = "Q4_K_M:ffn_down=Q6_K"
+
 # issue 17's figures for make demo's mini (SpotWorld test set, through the runtime, Q4_K_M + int8 bundle):
 # metric -> (">=" or "<=", value)
 DEMO_TARGETS = {"region_recognition": (">=", 0.80), "point_qa": (">=", 0.85), "region_ocr": (">=", 0.60),
@@ -156,7 +165,8 @@ DEMO_TARGETS = {"region_recognition": (">=", 0.80), "point_qa": (">=", 0.85), "r
 
 
 def _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bundle, report, bench_table,
-                   quant_result=None) -> None:
+                   quant_results: dict[str, dict] | None = None) -> None:
+    """`quant_results`: {column label: eval result} of quantized bundles; the targets are checked on the last."""
     from rich.console import Console
     from rich.table import Table
 
@@ -171,22 +181,25 @@ def _print_summary(preset, ckpt_result, bundle_result, parity, asks, timings, bu
     m.add_column("metric")
     m.add_column("checkpoint", justify="right")
     m.add_column("bundle F16", justify="right")
-    if quant_result is not None:
-        m.add_column("bundle Q4_K_M + int8", justify="right")
-        m.add_column("target (mini, issue 17)", justify="right")
+    quant_results = quant_results or {}
+    for label in quant_results:
+        m.add_column(label, justify="right")
+    if quant_results:
+        m.add_column(f"target (mini, issue 17; {list(quant_results)[-1].removeprefix('bundle ')})", justify="right")
     keys = list(ckpt_result["metrics"]) + list(ckpt_result.get("extra_metrics", {}))
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     every = lambda r: {**r["metrics"], **r.get("extra_metrics", {})}  # noqa: E731
     for k in keys:
         row = [k, pct(every(ckpt_result).get(k)), pct(every(bundle_result).get(k))]
-        if quant_result is not None:
-            q = every(quant_result).get(k)
+        row += [pct(every(r).get(k)) for r in quant_results.values()]
+        if quant_results:
+            q = every(list(quant_results.values())[-1]).get(k)
             target = DEMO_TARGETS.get(k)
             met = "" if target is None or q is None else (
                 " met" if (q >= target[1] if target[0] == ">=" else q <= target[1]) else " MISSED")
-            row += [pct(q), "" if target is None else f"{target[0]} {100 * target[1]:.0f}%{met}"]
+            row.append("" if target is None else f"{target[0]} {100 * target[1]:.0f}%{met}")
         m.add_row(*row)
-    m.add_row("greedy answers equal", "", f"{100 * parity:.1f}%", *([""] * (2 if quant_result is not None else 0)))
+    m.add_row("greedy answers equal", "", f"{100 * parity:.1f}%", *([""] * (len(quant_results) + bool(quant_results))))
     console.print(m)
     s = Table(title="time per stage")
     s.add_column("stage")

@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-json", type=Path, help="diagnose an earlier run's JSON instead of asking again")
     a = p.parse_args(argv)
     try:
-        variants = [tuple((v.split(":") + ["default"])[:2]) for v in a.variants.split(",") if v]
+        from chatspot_edge.export.manifest import split_variant_pair
+
+        variants = [(llm, vis or "default") for llm, vis in map(split_variant_pair, a.variants.split(",")) if llm]
         result = (json.loads(a.from_json.read_text()) if a.from_json
                   else run(a.bundle, a.data, variants, a.per_kind, a.max_tokens, a.threads, a.arch))
         if a.diagnose:

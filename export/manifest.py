@@ -59,6 +59,16 @@ def region_graph(manifest: dict, vision_entry: dict) -> str | None:
     return own["file"] if isinstance(own, dict) else (ref.get("graph") or None)
 
 
+def split_variant_pair(item: str) -> tuple[str, str | None]:
+    """"LLM[:VISION]" -> (LLM, VISION or None). An LLM name may itself hold colons (a recipe such as
+    "Q4_K_M:ffn_down=Q6_K"), so VISION is the part after the last colon unless that part is an override
+    (has "="): "Q4_K_M:int8" -> ("Q4_K_M", "int8"); "Q4_K_M:ffn_down=Q6_K" -> (that, None)."""
+    head, sep, tail = item.strip().rpartition(":")
+    if not sep or "=" in tail:
+        return item.strip(), None
+    return head, tail or None
+
+
 def find_variant(manifest: dict, kind: str, name: str | None) -> tuple[str, dict, bool]:
     """The entry of variant `name` (case-insensitive tag or manifest key; None or "default": the default).
     Raises InputError naming the variants the bundle has."""

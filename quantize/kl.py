@@ -33,13 +33,14 @@ class Example:
 
 
 def build_examples(records: Sequence[dict], load: Callable[[dict], object], processor, size: tuple[int, int],
-                   resize: str = "bicubic") -> list[Example]:
+                   resize: str = "bicubic", turns: int | None = 1) -> list[Example]:
+    """Each record's first `turns` question/answer pairs (None: all) encoded as training encodes them."""
     from chatspot_edge.model.chatspot import IGNORE_INDEX
     from chatspot_edge.model.preprocess import region_source, resize_pixels
 
     out = []
     for rec in records:
-        conv = rec["conversations"][:2]
+        conv = rec["conversations"][:2 * turns] if turns else rec["conversations"]
         if len(conv) < 2:
             continue
         enc = processor.encode_conversation(conv)
@@ -52,6 +53,22 @@ def build_examples(records: Sequence[dict], load: Callable[[dict], object], proc
     return out
 
 
+def torch_inputs(model, ex: Example):
+    """The LLM's input embeddings `[1, T, d]` for `ex` (token, image and region embeddings, as in training)."""
+    import torch
+
+    ids = torch.tensor([ex.ids])
+    px = torch.from_numpy(np.array(ex.pixels))[None]
+    boxes = torch.tensor(ex.boxes, dtype=torch.float32).reshape(-1, 4) if ex.boxes else None
+    box_batch = torch.zeros(len(ex.boxes), dtype=torch.long) if ex.boxes else None
+    crops = None
+    if ex.boxes and model.region is not None and model.region.crop == "original":
+        from chatspot_edge.model.preprocess import region_crops
+
+        crops = torch.from_numpy(region_crops(ex.original, ex.boxes, model.config.region_crop_size))
+    return model.embed(ids, model.encode_image(px), boxes, box_batch, px, crops)
+
+
 def torch_logprobs(model, examples: Sequence[Example]) -> list[np.ndarray]:
     """Log-probabilities `[len(targets), V]` (float32) of the torch model at each example's target positions."""
     import torch
@@ -60,18 +77,7 @@ def torch_logprobs(model, examples: Sequence[Example]) -> list[np.ndarray]:
     model = model.float().eval()
     with torch.no_grad():
         for ex in examples:
-            ids = torch.tensor([ex.ids])
-            px = torch.from_numpy(np.array(ex.pixels))[None]
-            boxes = torch.tensor(ex.boxes, dtype=torch.float32).reshape(-1, 4) if ex.boxes else None
-            box_batch = torch.zeros(len(ex.boxes), dtype=torch.long) if ex.boxes else None
-            image_embeds = model.encode_image(px)
-            crops = None
-            if ex.boxes and model.region is not None and model.region.crop == "original":
-                from chatspot_edge.model.preprocess import region_crops
-
-                crops = torch.from_numpy(region_crops(ex.original, ex.boxes, model.config.region_crop_size))
-            emb = model.embed(ids, image_embeds, boxes, box_batch, px, crops)
-            hidden = model.llm.model(inputs_embeds=emb).last_hidden_state[0, ex.targets]
+            hidden = model.llm.model(inputs_embeds=torch_inputs(model, ex)).last_hidden_state[0, ex.targets]
             logits = model.llm.lm_head(hidden).double()
             out.append(torch.log_softmax(logits, -1).float().numpy())
     return out

@@ -59,8 +59,45 @@ def llm_type(name: str) -> LlmType:
     return LLM_TYPES[key]
 
 
+@dataclass(frozen=True)
+class LlmRecipe:
+    """A llama.cpp type plus per-tensor overrides, as `llama-quantize TYPE --tensor-type PATTERN=TYPE` makes:
+    written "Q4_K_M:ffn_down=Q6_K" (type, then `:pattern=type` per override; a pattern is a regex searched in
+    the GGUF tensor name, first match wins, as in llama.cpp). `name` is the variant's key in the manifest."""
+    type: LlmType
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return ":".join([self.type.name, *(f"{p}={t}" for p, t in self.overrides)])
+
+
+def llm_recipe(spec: str) -> LlmRecipe:
+    """"q4_k_m" or "q4_k_m:ffn_down=q6_k[:attn_v=q8_0...]" -> LlmRecipe (InputError on an unknown type, an
+    override without `=`, a bad regex, or a ggml type llama.cpp cannot quantize a matrix to)."""
+    import gguf
+
+    head, *rest = spec.strip().split(":")
+    overrides = []
+    for item in rest:
+        pattern, sep, typ = item.partition("=")
+        if not sep or not pattern or not typ:
+            raise InputError(f"LLM override {item!r} in {spec!r}: write PATTERN=TYPE (e.g. ffn_down=q6_k)")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InputError(f"LLM override pattern {pattern!r}: not a regular expression ({e})") from None
+        typ = typ.strip().upper()
+        if typ not in gguf.GGMLQuantizationType.__members__ or typ in ("I8", "I16", "I32", "I64", "F64"):
+            raise InputError(f"LLM override type {typ!r}: not a ggml weight type (e.g. Q8_0, Q6_K, Q5_0, F16)")
+        overrides.append((pattern, typ))
+    return LlmRecipe(llm_type(head), tuple(overrides))
+
+
 def llm_file_name(quant: str) -> str:
-    return f"llm-{quant.lower()}.gguf"
+    """Variant name -> GGUF file name: "Q4_K_M" -> llm-q4_k_m.gguf, "Q4_K_M:ffn_down=Q6_K" ->
+    llm-q4_k_m-ffn_down-q6_k.gguf."""
+    return "llm-" + re.sub(r"[^a-z0-9_.-]+", "-", quant.lower()).strip("-") + ".gguf"
 
 
 def default_threads() -> int:
@@ -120,8 +157,10 @@ def block_size(type_name: str) -> int:
     return int(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0])
 
 
-def gguf_summary(path: str | Path, quant: str | None = None) -> dict[str, Any]:
-    """Sizes and types of a GGUF; with `quant`, the tensors that did not get the requested type.
+def gguf_summary(path: str | Path, quant: str | None = None,
+                 overrides: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """Sizes and types of a GGUF; with `quant`, the tensors that did not get the requested type (those an
+    override asked for listed with that reason).
 
     bits_per_weight = 8 x (all tensor bytes) / (all parameters), norms and embeddings included."""
     tensors = gguf_tensors(path)
@@ -134,11 +173,12 @@ def gguf_summary(path: str | Path, quant: str | None = None) -> dict[str, Any]:
                            "bits_per_weight": round(8.0 * nbytes / max(params, 1), 4),
                            "tensor_types": dict(sorted(types.items()))}
     if quant is not None and quant.upper() in LLM_TYPES:
-        out["fallbacks"] = fallbacks(tensors, LLM_TYPES[quant.upper()].base)
+        out["fallbacks"] = fallbacks(tensors, LLM_TYPES[quant.upper()].base, overrides)
     return out
 
 
-def fallbacks(tensors: list[dict[str, Any]], requested: str) -> dict[str, dict[str, Any]]:
+def fallbacks(tensors: list[dict[str, Any]], requested: str,
+              overrides: Sequence[tuple[str, str]] = ()) -> dict[str, dict[str, Any]]:
     """{name: {"type", "requested", "row", "reason"}} for every matrix (>= 2-D) not stored as `requested`.
     1-D tensors (norms) are always F32 in llama.cpp and are not listed."""
     blk = block_size(requested)
@@ -147,7 +187,10 @@ def fallbacks(tensors: list[dict[str, Any]], requested: str) -> dict[str, dict[s
         if len(t["shape"]) < 2 or t["type"] == requested:
             continue
         row = t["shape"][0]
-        if row % blk:
+        asked = next((typ for pat, typ in overrides if re.search(pat, t["name"])), None)
+        if asked is not None and t["type"] == asked:
+            reason = f"override {asked} requested for this tensor"
+        elif row % blk:
             reason = f"row size {row} is not a multiple of {requested}'s block of {blk}"
         else:
             reason = "llama.cpp's per-tensor choice for this variant (more bits for sensitive tensors)"

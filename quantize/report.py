@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import shutil
 import statistics
 import tempfile
@@ -220,8 +221,9 @@ def quality_report(bundle: str | Path, out: str | Path, data: str | Path | None 
     # LLM: sizes, types
     report["llm"] = {}
     for k, e in llms.items():
-        base_type = str(e.get("type") or k)  # "Q4_K_M-imatrix" variants name their llama.cpp type in `type`
-        s = gguf_summary(bundle / e["file"], base_type if base_type in LLM_TYPES else None)
+        base_type = str(e.get("type") or k)  # "Q4_K_M-imatrix" / "Q4_K_M:ffn_down=Q6_K" name their type in `type`
+        s = gguf_summary(bundle / e["file"], base_type if base_type in LLM_TYPES else None,
+                         tuple((e.get("overrides") or {}).items()))
         report["llm"][k] = {"file": e["file"], "bytes": s["bytes"], "bits_per_weight": s["bits_per_weight"],
                             "parameters": s["parameters"], "tensor_types": s["tensor_types"],
                             "fallback_tensors": len(s.get("fallbacks", {})), "default": k == base_llm_key}
@@ -465,12 +467,19 @@ def _diagnose(bundle: Path, manifest: dict, report: dict, llms: dict, kl_ctx: di
 def llm_sensitivity(source: Path, source_quant: str, quant: str, kl_for, threads: int, log: Log) -> list[dict]:
     """Mean KL (first SENSITIVITY_RECORDS examples, fp32 vision) when only one group is quantized as `quant`
     (llama.cpp tensor-type overrides keep every other tensor at the source's precision): each block `blk.i`,
-    and the token embedding / output. Largest first."""
+    the token embedding / output, and each kind of block matrix across all blocks (`attn_q`, ..., `ffn_down`:
+    a kind that loses most everywhere is the one to give more bits with a recipe override). Largest first."""
     keep = source_quant.upper() if source_quant.upper() in ("F32", "F16", "BF16") else "F16"
-    n = n_layers(gguf_tensors(source))
+    tensors = gguf_tensors(source)
+    n = n_layers(tensors)
     groups = [(f"blk.{i}", [(rf"^blk\.{j}\.", keep) for j in range(n) if j != i]
                + [(r"^token_embd\.", keep), (r"^output\.", keep)]) for i in range(n)]
     groups.append(("token_embd+output", [(r"^blk\.", keep)]))
+    kinds = sorted({m.group(1) for t in tensors if len(t["shape"]) >= 2
+                    and (m := re.match(r"^blk\.\d+\.(\w+)\.weight$", t["name"]))})
+    for kind in kinds:
+        groups.append((f"all {kind}", [(rf"^blk\.\d+\.{other}\.", keep) for other in kinds if other != kind]
+                       + [(r"^token_embd\.", keep), (r"^output\.", keep)]))
     work = Path(tempfile.mkdtemp(prefix=".sensitivity-"))
     out = []
     try:

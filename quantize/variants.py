@@ -25,7 +25,7 @@ from chatspot_edge.errors import InputError
 from chatspot_edge.export.manifest import MANIFEST, region_graph, tool_versions, verify_bundle, write_manifest
 from chatspot_edge.files import atomic_dir
 
-from chatspot_edge.quantize.llm import (SOURCE_ORDER, default_threads, gguf_summary, llm_file_name, llm_type,
+from chatspot_edge.quantize.llm import (SOURCE_ORDER, default_threads, gguf_summary, llm_file_name, llm_recipe,
                                         quantize_gguf)
 from chatspot_edge.quantize.vision import (COREML_NOTE, COREML_VARIANTS, build_int8, compare, coreml_variant,
                                            parse_precision, region_to_int8, spotworld_images, to_fp16,
@@ -102,20 +102,30 @@ def quantize_bundle(bundle: str | Path, llm: Sequence[str] | str | None = None,
                     vision: Sequence[str] | str | None = None, coreml: bool = False, force: bool = False,
                     threads: int | None = None, int8_method: str = "auto", data: str | Path | None = None,
                     calib: int = 32, n_eval_images: int = 16, timing_runs: int = 20, imatrix: bool = False,
-                    imatrix_records: int | None = None, log: Log = print) -> dict:
+                    imatrix_records: int | None = None, imatrix_source: str = "text",
+                    checkpoint: str | Path | None = None, log: Log = print) -> dict:
     """Add LLM variants (`llm`: e.g. "q8_0,q4_k_m"), ONNX vision variants (`vision`: "fp16,int8") and, with
     `coreml`, Core ML compressed vision packages to `bundle`. With `imatrix`, the LLM variants are quantized
     with an importance matrix computed on `imatrix_records` SpotWorld train conversations (`quantize.imatrix`)
-    and named "<TYPE>-imatrix" (the plain variants stay). Returns a summary:
+    and named "<TYPE>-imatrix" (the plain variants stay): `imatrix_source` "text" runs llama-imatrix on their
+    text, "multimodal" the torch `checkpoint`'s forward pass (default: the manifest's) with their images and
+    regions. An LLM type may carry per-tensor overrides ("q4_k_m:ffn_down=q6_k", `llm.llm_recipe`). Returns a summary:
     {"added": [...], "skipped": [...], "fallbacks": {quant: {...}}, "vision": {precision: {...}}}."""
-    from chatspot_edge.quantize.imatrix import DEFAULT_RECORDS, IMATRIX_SUFFIX
+    from chatspot_edge.quantize.imatrix import DEFAULT_RECORDS, IMATRIX_SOURCES, IMATRIX_SUFFIX
 
     bundle = Path(bundle)
     manifest = verify_bundle(bundle)
-    llm_types = [llm_type(n) for n in _split(llm)]
+    llm_types = [llm_recipe(n) for n in _split(llm)]
     suffix = IMATRIX_SUFFIX if imatrix else ""
     if imatrix and not llm_types:
         raise InputError("--imatrix quantizes LLM variants: give --llm TYPES too")
+    if imatrix_source not in IMATRIX_SOURCES:
+        raise InputError(f"--imatrix-source {imatrix_source!r}: choose {' or '.join(IMATRIX_SOURCES)}")
+    if imatrix and imatrix_source == "multimodal":
+        checkpoint = checkpoint or (manifest["model"].get("provenance") or {}).get("checkpoint")
+        if not checkpoint or not Path(checkpoint).is_dir():
+            raise InputError(f"--imatrix-source multimodal needs the torch checkpoint ({checkpoint or 'none recorded'}"
+                             " in the manifest): give --checkpoint")
     precisions = [parse_precision(n) for n in _split(vision)]
     if not (llm_types or precisions or coreml):
         raise InputError("nothing to quantize: give --llm and/or --vision (or --coreml)")
@@ -153,12 +163,16 @@ def quantize_bundle(bundle: str | Path, llm: Sequence[str] | str | None = None,
                 variants = dict(have_llm)
                 imat_info = None
                 if imatrix:
-                    from chatspot_edge.quantize.imatrix import compute_imatrix
+                    from chatspot_edge.quantize.imatrix import collect_imatrix, compute_imatrix
 
                     imat_file = work / "imatrix.gguf"
-                    imat_info = compute_imatrix(tmp / source["file"], imat_file, manifest,
-                                                Path(data) if data is not None else None,
-                                                imatrix_records or DEFAULT_RECORDS, threads, log=log)
+                    calib_data = Path(data) if data is not None else None
+                    if imatrix_source == "multimodal":
+                        imat_info = collect_imatrix(Path(checkpoint), imat_file, manifest, calib_data,
+                                                    imatrix_records or DEFAULT_RECORDS, threads, log=log)
+                    else:
+                        imat_info = compute_imatrix(tmp / source["file"], imat_file, manifest, calib_data,
+                                                    imatrix_records or DEFAULT_RECORDS, threads, log=log)
                 for t in todo_llm:
                     name = llm_file_name(t.name + suffix)
                     log(f"LLM {t.name + suffix}: {source['file']} -> {name}")
@@ -166,24 +180,27 @@ def quantize_bundle(bundle: str | Path, llm: Sequence[str] | str | None = None,
                     if imatrix:
                         from chatspot_edge.quantize.imatrix import quantize_with_imatrix
 
-                        quantize_with_imatrix(tmp / source["file"], part, t.name, imat_file, threads)
+                        quantize_with_imatrix(tmp / source["file"], part, t.type.name, imat_file, threads,
+                                              t.overrides)
                     else:
-                        quantize_gguf(tmp / source["file"], part, t.name, threads)
+                        quantize_gguf(tmp / source["file"], part, t.type.name, threads, t.overrides)
                     _check_gguf_loads(part)
                     shutil.move(str(part), str(_fresh(tmp / name)))
-                    s = gguf_summary(tmp / name, t.name)
+                    s = gguf_summary(tmp / name, t.type.name, t.overrides)
                     variants[t.name + suffix] = {
                         "file": name, "quant": t.name + suffix, "n_embd": int(source["n_embd"]),
                         "n_ctx": int(source["n_ctx"]),
                         "bytes": s["bytes"], "bits_per_weight": s["bits_per_weight"], "source": source["file"],
                         "tensor_types": s["tensor_types"],
                         "fallback_tensors": {k: v["type"] for k, v in s["fallbacks"].items()},
-                        **({"type": t.name, "imatrix": imat_info} if imatrix else {}),
+                        **({"type": t.type.name} if imatrix or t.overrides else {}),
+                        **({"overrides": dict(t.overrides)} if t.overrides else {}),
+                        **({"imatrix": imat_info} if imatrix else {}),
                     }
                     summary["fallbacks"][t.name + suffix] = s["fallbacks"]
                     summary["added"].append(t.name + suffix)
                     for line in [f"  {s['bytes'] / 1e6:.1f} MB, {s['bits_per_weight']:.2f} bits per weight",
-                                 *_fallback_lines(t.name, s["fallbacks"])]:
+                                 *_fallback_lines(t.type.name, s["fallbacks"])]:
                         log(line)
                 manifest["llm_variants"] = variants
             if todo_vis:

@@ -157,3 +157,30 @@ def test_python_imatrix_pointer_equals_llama_quantize(tools, tiny_bundle, tmp_pa
     params.imatrix = ctypes.cast(arr, ctypes.POINTER(lib.llama_model_imatrix_data))
     assert lib.llama_model_quantize(str(src).encode(), str(tmp_path / "py.gguf").encode(), ctypes.byref(params)) == 0
     assert len(means) > 0 and _tensors(tmp_path / "py.gguf") == _tensors(tmp_path / "tool.gguf")
+
+
+def test_multimodal_imatrix_quantization_of_a_bundle(tools, tiny_bundle, tmp_path):
+    """`--imatrix-source multimodal`: the torch checkpoint's matrix (images and regions counted) in llama.cpp's
+    GGUF imatrix format, read by llama-quantize; with an override recipe as `--tensor-type`."""
+    import shutil
+
+    from chatspot_edge.errors import InputError
+    from chatspot_edge.export import verify_bundle
+    from chatspot_edge.quantize import quantize_bundle
+
+    b = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
+    logs: list[str] = []
+    summary = quantize_bundle(b, llm="q4_0,q4_0:ffn_down=q8_0", imatrix=True, imatrix_source="multimodal",
+                              imatrix_records=20, log=logs.append)  # the checkpoint the manifest names
+    quantize_bundle(b, llm="q4_0", log=logs.append)
+    m = verify_bundle(b)
+    assert summary["added"] == ["Q4_0-imatrix", "Q4_0:ffn_down=Q8_0-imatrix"]
+    info = m["llm_variants"]["Q4_0-imatrix"]["imatrix"]
+    assert "included" in info["image_embeddings"] and info["records"] == 20 and info["tokens"] > 20
+    plain, imat = _tensors(b / "llm-q4_0.gguf"), _tensors(b / "llm-q4_0-imatrix.gguf")
+    assert sum(plain[k][1] != imat[k][1] for k in plain if plain[k][0] == "Q4_0") > 0  # the matrix was applied
+    mixed = _tensors(b / m["llm_variants"]["Q4_0:ffn_down=Q8_0-imatrix"]["file"])
+    assert {t for k, (t, _) in mixed.items() if ".ffn_down." in k} == {"Q8_0"}
+    assert mixed["blk.0.attn_q.weight"] == imat["blk.0.attn_q.weight"]  # same matrix, same rounding elsewhere
+    with pytest.raises(InputError, match="--imatrix-source"):
+        quantize_bundle(b, llm="q4_0", imatrix=True, imatrix_source="pixels", log=logs.append)

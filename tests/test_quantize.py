@@ -19,7 +19,7 @@ from chatspot_edge.model.checkpoint import save_checkpoint
 from chatspot_edge.model.presets import build_preset
 from chatspot_edge.quantize import quality_report, quantize_bundle
 from chatspot_edge.quantize import variants as variants_mod
-from chatspot_edge.quantize.llm import gguf_summary, quantize_gguf
+from chatspot_edge.quantize.llm import gguf_summary, gguf_tensors, quantize_gguf
 from chatspot_edge.runtime import Engine
 
 FAST = dict(calib=4, n_eval_images=4, timing_runs=2, log=lambda s: None)
@@ -231,8 +231,9 @@ def test_kl_against_torch(report):
 
 def test_report_sensitivity(report):
     _, _, r = report
-    llm = r["diagnosis"]["llm_sensitivity"]  # tiny: 2 blocks + the embedding, one quantized at a time
-    assert [g["group"] for g in llm] and {g["group"] for g in llm} == {"blk.0", "blk.1", "token_embd+output"}
+    llm = r["diagnosis"]["llm_sensitivity"]  # tiny: 2 blocks, the embedding, each matrix kind
+    kinds = {f"all {k}" for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    assert {g["group"] for g in llm} == {"blk.0", "blk.1", "token_embd+output"} | kinds
     assert all(g["kl_mean"] >= 0 for g in llm) and llm[0]["kl_mean"] >= llm[-1]["kl_mean"]
     vis = r["diagnosis"]["vision_sensitivity"]
     assert vis and all(0 < v["cosine_mean"] <= 1.0 + 1e-6 for v in vis)
@@ -282,3 +283,43 @@ def test_kl_stats_separates_near_ties():
     assert s["top1"] == 0.5 and s["top1_clear"] == 1.0 and 0 < s["kl_mean"] < 0.01
     wrong = np.log(np.array([[0.50, 0.45, 0.05], [0.05, 0.90, 0.05]]))
     assert kl_stats([ref], [wrong])["top1_clear"] == 0.0
+
+
+def test_recipe_overrides_tensor_types(exported, tmp_path):
+    from chatspot_edge.quantize.llm import llm_file_name, llm_recipe
+
+    r = llm_recipe("q4_0:ffn_down=q8_0:attn_v=f16")
+    assert r.name == "Q4_0:ffn_down=Q8_0:attn_v=F16" and r.overrides == (("ffn_down", "Q8_0"), ("attn_v", "F16"))
+    assert llm_file_name(r.name) == "llm-q4_0-ffn_down-q8_0-attn_v-f16.gguf"
+    for bad, msg in (("q4_0:ffn_down", "PATTERN=TYPE"), ("q4_0:ffn_down=q9", "not a ggml weight type"),
+                     ("q4_0:ffn_(down=q8_0", "not a regular expression"), ("q9_9:ffn_down=q8_0", "unknown LLM")):
+        with pytest.raises(InputError, match=msg):
+            llm_recipe(bad)
+
+    b = _copy(exported, tmp_path / "bundle")
+    summary = quantize_bundle(b, llm="q4_0,q4_0:ffn_down=q8_0", **FAST)
+    m = verify_bundle(b)
+    assert summary["added"] == ["Q4_0", "Q4_0:ffn_down=Q8_0"]
+    e = m["llm_variants"]["Q4_0:ffn_down=Q8_0"]
+    assert e["file"] == "llm-q4_0-ffn_down-q8_0.gguf" and e["type"] == "Q4_0" and e["overrides"] == {"ffn_down": "Q8_0"}
+    plain = {t["name"]: t["type"] for t in gguf_tensors(b / "llm-q4_0.gguf")}
+    mixed = {t["name"]: t["type"] for t in gguf_tensors(b / e["file"])}
+    assert {k for k in mixed if mixed[k] != plain[k]} == {k for k in plain if ".ffn_down." in k}
+    assert {mixed[k] for k in mixed if ".ffn_down." in k} == {"Q8_0"} and plain["blk.0.ffn_down.weight"] == "Q4_0"
+    fb = summary["fallbacks"]["Q4_0:ffn_down=Q8_0"]
+    assert fb["blk.1.ffn_down.weight"]["reason"].startswith("override Q8_0")
+    assert b.joinpath(e["file"]).stat().st_size > b.joinpath("llm-q4_0.gguf").stat().st_size
+    engine = Engine.load(b, llm="q4_0:ffn_down=q8_0", threads=1)  # the variant by its name, any case
+    assert engine.llm.path.name == e["file"]
+    assert isinstance(engine.session(Image.new("RGB", (40, 40))).ask("What is {region}?", point=(3, 3),
+                                                                       max_tokens=3, stream=False), str)
+    # "LLM[:VISION]" pairs (bench --variants, arm64_equality --variants) with a recipe's colons in the LLM name
+    from chatspot_edge.benchmarks.bench import resolve_variants
+    from chatspot_edge.export.manifest import split_variant_pair
+
+    assert split_variant_pair("Q4_K_M:int8") == ("Q4_K_M", "int8")
+    assert split_variant_pair("Q4_K_M:ffn_down=Q6_K") == ("Q4_K_M:ffn_down=Q6_K", None)
+    assert split_variant_pair("Q4_K_M:ffn_down=Q6_K:int8") == ("Q4_K_M:ffn_down=Q6_K", "int8")
+    assert split_variant_pair("Q4_0") == ("Q4_0", None)
+    (v,) = resolve_variants(m, "Q4_0:ffn_down=Q8_0:default")
+    assert v["llm_file"] == e["file"] and v["llm"] == "Q4_0:ffn_down=Q8_0" and v["vision_file"] == m["vision"]["file"]
