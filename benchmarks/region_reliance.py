@@ -52,10 +52,8 @@ def _geometry(x: torch.Tensor) -> dict:
 def _answer_nats(model: ChatSpotModel, hidden: torch.Tensor, labels: torch.Tensor) -> float:
     """Summed cross-entropy (nats) of the answer tokens (`labels` != IGNORE_INDEX) from the LLM's last hidden
     states `[B, T, d]` of a teacher-forced pass."""
-    targets = labels[:, 1:]
-    select = targets != IGNORE_INDEX
-    logits = model.llm.lm_head(hidden[:, :-1][select]).float()
-    return float(F.cross_entropy(logits, targets[select], reduction="sum"))
+    logits, targets, select = model.answer_logits(hidden, labels)
+    return float(F.cross_entropy(logits.float(), targets[select], reduction="sum"))
 
 
 def _attention(model: ChatSpotModel, emb: torch.Tensor, batch: dict) -> tuple[list[dict], torch.Tensor]:

@@ -158,9 +158,7 @@ class ChatSpotModel(nn.Module):
                                         position_ids=position_ids).last_hidden_state
         if labels is None:
             return ChatSpotOutput(loss=None, logits=self.llm.lm_head(hidden))
-        targets = labels[:, 1:]
-        select = targets != IGNORE_INDEX
-        logits = self.llm.lm_head(hidden[:, :-1][select])
+        logits, targets, select = self.answer_logits(hidden, labels)
         token_loss = F.cross_entropy(logits.float(), targets[select], reduction="none")
         if per_sample:  # every sample (turn) weighs the same, however long its answer (a box is ~25 tokens)
             B = targets.shape[0]
@@ -185,6 +183,15 @@ class ChatSpotModel(nn.Module):
                     loss = loss + region_align * self.region_alignment_loss(
                         region, box_batch, targets, seg, box_segment, contrastive=kind == "contrastive")
         return ChatSpotOutput(loss=loss, logits=logits, n_targets=int(select.sum()))
+
+    def answer_logits(self, hidden: torch.Tensor, labels: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits `[N, V]` at the N positions that predict an answer token, next-token targets `[B, T-1]`,
+        their mask `[B, T-1]`) from the LLM's last hidden states `[B, T, d]` of a teacher-forced pass: the head
+        runs at those positions only."""
+        targets = labels[:, 1:]
+        select = targets != IGNORE_INDEX
+        return self.llm.lm_head(hidden[:, :-1][select]), targets, select
 
     def region_alignment_loss(self, region: torch.Tensor, box_batch: torch.Tensor, targets: torch.Tensor,
                               target_segments: torch.Tensor | None = None,
