@@ -71,6 +71,9 @@ def adapt(
                                                     help="region-text alignment: absolute, contrastive (which "
                                                          "region says each answer token) or both; default: the "
                                                          "preset's"),
+    cell_align: Optional[float] = typer.Option(None, "--cell-align", help="weight of the image-cell / word "
+                                               "alignment loss (which cells show each colour / shape word of the "
+                                               "records' objects; 0: off; default: the preset's)"),
     region_placement: Optional[str] = typer.Option(None, "--region-placement", help="after_box or before_answer"),
     init: Optional[Path] = typer.Option(None, "--init", help="start from this trained checkpoint instead of the "
                                                               "preset (its design and referring format)"),
@@ -92,6 +95,9 @@ def adapt(
                                             help="referring format: text (chatspot-text-v1, the default) or loc "
                                                  "(chatspot-loc-v1: one <loc_k> token per coordinate)"),
     bins: Optional[int] = typer.Option(None, "--bins", help="loc: bins per axis N (default 32)"),
+    loc_init: Optional[str] = typer.Option(None, "--loc-init", help="loc: initial <loc_k> rows: mean (the mean "
+                                           "embedding), fourier (smooth in k) or position (the image cells' own 2D "
+                                           "position map); default: the preset's"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: cpu, or cuda when "
                                                                 "CHATSPOT_DEVICE=cuda and a GPU is present)"),
 ) -> None:
@@ -104,11 +110,11 @@ def adapt(
                         eval_every=eval_every, eval_samples=eval_samples,
                         save_every=save_every, resume=resume, lora=lora, fsdp=fsdp, seed=seed, vision_pool=vision_pool,
                         region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed, lr_proj=lr_proj,
-                        region_align=region_align, region_align_kind=region_align_kind,
+                        region_align=region_align, region_align_kind=region_align_kind, cell_align=cell_align,
                         region_placement=region_placement, init=init,
                         warm_start=warm_start, turns=turns, embeddings=embeddings, precision=precision,
                         design=dict(position_2d=position_2d, region_crop=region_crop, region_geometry=region_geometry),
-                        referring=referring, bins=bins, device=device)
+                        referring=referring, bins=bins, loc_init=loc_init, device=device)
     run_adapt(opts)
 
 

@@ -56,7 +56,7 @@ def _sample(model, tok, data: Path, n: int = 2) -> dict:
     b = Batches(recs, data, Processor(tok, model.config), model.config.vision.image_size, seed=0, max_tokens=320)
     batch = b.collate(list(range(n)))
     for k in BATCH_META:
-        batch.pop(k)
+        batch.pop(k, None)
     return batch
 
 
@@ -212,7 +212,7 @@ def test_teacher_cache_holds_the_teachers_top_k(teacher, spot, tmp_path):
     values, ids = cache.lookup([7, 1])
     batch = b.collate([7, 1])
     for k in BATCH_META:
-        batch.pop(k)
+        batch.pop(k, None)
     with torch.no_grad():
         logits = model(**batch).logits.float()
     ref = torch.topk(torch.log_softmax(logits / 2.0, -1), 8, -1)
@@ -356,3 +356,42 @@ def test_a_llava_teacher_prunes_to_a_checkpoint_of_ours(tmp_path):
     pixels = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.isfinite(again(torch.tensor([enc.ids]), pixels=pixels).logits).all()
+
+
+def test_hidden_state_matching_on_samples_of_independent_turns(teacher, spot):
+    """Samples of independent turns (mini's default: a 4D attention mask) go through hidden-state matching: its
+    distance is taken over the real positions of every turn (padding left out): 0 for a student equal to the
+    teacher, and for another student the mean over those positions of 1 - cosine, block by block."""
+    import torch.nn.functional as F
+
+    from chatspot_edge.data import load_split
+    from chatspot_edge.train.adapt import Batches
+    from chatspot_edge.train.distill import DistillObjective
+
+    model, tok = load_checkpoint(teacher)
+    recs = load_split(spot, "train")[:3]
+    recs[1] = dict(recs[1], conversations=recs[1]["conversations"][:2])  # one turn: a shorter, padded sample
+    b = Batches(recs, spot, Processor(tok, model.config), model.config.vision.image_size, seed=0, max_tokens=320,
+                turns=3)
+    batch = b.collate([0, 1, 2])
+    assert batch["attention_mask"].dim() == 4 and not batch["token_mask"].all()  # turns apart; one sample padded
+    objective = DistillObjective(model, kd_weight=0.0, ce_weight=1.0, hidden_weight=1.0, block_map=[0, 1])
+    with torch.no_grad():
+        features = model.vision(batch["pixels"])
+        _, parts = objective(copy.deepcopy(model), features, batch)
+        assert parts["hid"] == pytest.approx(0.0, abs=1e-5)
+        student = copy.deepcopy(model)
+        for p in student.llm.model.layers[0].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        _, parts = objective(student, features, batch)
+        outs = {}
+        for name, m in (("s", student), ("t", model)):
+            hooks = [m.llm.model.layers[i].register_forward_hook(
+                lambda mod, a, o, i=i, name=name: outs.__setitem__((name, i), o)) for i in (0, 1)]
+            fields = {k: v for k, v in batch.items() if k not in BATCH_META}
+            m(image_embeds=m.project(features), **fields)
+            for h in hooks:
+                h.remove()
+    valid = batch["token_mask"].bool()
+    want = sum(1 - F.cosine_similarity(outs["s", i][valid], outs["t", i][valid], dim=-1).mean() for i in (0, 1)) / 2
+    assert parts["hid"] > 1e-4 and parts["hid"] == pytest.approx(float(want), rel=1e-4)

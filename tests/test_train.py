@@ -27,14 +27,16 @@ def _adapt(data: Path, out: Path, *extra: str, env: dict | None = None) -> subpr
 
 
 def test_kill_and_resume_matches_uninterrupted(spot, tmp_path):
-    full = _adapt(spot, tmp_path / "full")
+    cell = ("--cell-align", "0.5")  # with the image-cell alignment: its targets come with the resumed batches too
+    full = _adapt(spot, tmp_path / "full", *cell)
     assert full.returncode == 0, full.stderr[-2000:]
-    killed = _adapt(spot, tmp_path / "run", env={"CHATSPOT_KILL_AT_STEP": "6"})
+    assert " cell " in full.stderr  # its part of the loss is on the progress line
+    killed = _adapt(spot, tmp_path / "run", *cell, env={"CHATSPOT_KILL_AT_STEP": "6"})
     assert killed.returncode == -9  # SIGKILL right after the step-6 state was saved
     assert not (tmp_path / "run").exists()  # no half-written checkpoint
     state = json.loads((tmp_path / "run.train-state" / "state.json").read_text())
     assert state["stage"] == 2 and state["step"] == 6
-    resumed = _adapt(spot, tmp_path / "run", "--resume")
+    resumed = _adapt(spot, tmp_path / "run", "--resume", *cell)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
     assert not (tmp_path / "run.train-state").exists()
@@ -43,6 +45,8 @@ def test_kill_and_resume_matches_uninterrupted(spot, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    objective = json.loads((tmp_path / "run" / "config.json").read_text())["provenance"]["adapt"]["objective"]
+    assert objective["cell_align"] == 0.5
     la = json.loads((tmp_path / "full" / "training_log.json").read_text())["losses"]
     lb = json.loads((tmp_path / "run" / "training_log.json").read_text())["losses"]
     assert [x[:2] for x in la] == [x[:2] for x in lb]

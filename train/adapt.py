@@ -86,6 +86,8 @@ class AdaptOptions:
     per_sample_loss: bool = True  # average the loss within each sample first (tasks weigh alike)
     region_align: float = 1.0  # weight of the region-text alignment loss (model.region_alignment_loss)
     region_align_kind: str | None = None  # "absolute", "contrastive" or "both" (None: the preset's)
+    cell_align: float | None = None  # weight of the image-cell / word alignment loss (train.cell_align; None: the
+    # preset's, 0: off); needs records with SPEC-5 `objects`
     region_placement: str | None = None  # override the preset's: "after_box" or "before_answer"
     init: Path | None = None  # start from an existing checkpoint instead of the preset
     warm_start: Path | None = None  # copy projector, region encoder and added-token rows from this checkpoint
@@ -118,12 +120,13 @@ class Batches:
     samples consumed, so a resumed run draws exactly the batches the uninterrupted run would have."""
 
     def __init__(self, records: list[dict], data_dir: Path, proc: Processor, image_size, seed: int, max_tokens: int,
-                 turns: int = 0):
+                 turns: int = 0, cell_words: dict[str, int] | None = None):
         from chatspot_edge.data import load_image
 
         self.records, self.data_dir, self.proc = records, data_dir, proc
         self.image_size, self.seed, self.max_tokens = image_size, seed, max_tokens
         self.turns = turns  # > 0: up to this many questions per image as independent turns (encode_turns)
+        self.cell_words = cell_words  # word -> token id: collate the image-cell alignment's targets (train.cell_align)
         self.load_image = load_image
         self.position = 0
         self._pixels: dict[str, np.ndarray] = {}
@@ -182,9 +185,15 @@ class Batches:
                    index=torch.tensor(indices, dtype=torch.long))
         if self.turns:
             out.update(turn_masks(encs, T))
+            out["token_mask"] = mask  # the 4D attention mask replaces it; hidden-state matching needs the padding
         if want_crops:
             h, w = cfg.region_crop_size
             out["crops"] = torch.from_numpy(np.concatenate(crops) if crops else np.zeros((0, h, w, 4), np.uint8))
+        if self.cell_words:
+            from chatspot_edge.train.cell_align import cell_targets
+
+            out["cell_words"], out["cell_targets"] = cell_targets([self.records[i] for i in indices],
+                                                                  tuple(cfg.vision.grid), self.cell_words)
         return out
 
 
@@ -444,7 +453,8 @@ def _added_rows(model: ChatSpotModel) -> list[int]:
     return [c.image_token_id, c.box_start_id, c.box_end_id, c.region_token_id, *loc_token_ids(model)]
 
 
-BATCH_META = ("index", "n_tokens")  # collated fields that describe a micro-batch rather than feed the model
+# collated fields that describe a micro-batch or feed an auxiliary loss rather than the model's forward
+BATCH_META = ("index", "n_tokens", "token_mask", "cell_words", "cell_targets")
 
 
 class AnswerLoss:
@@ -458,10 +468,14 @@ class AnswerLoss:
     progress line. `to(device)` moves whatever it holds besides the model; `describe()` goes into the
     checkpoint's provenance. Other objectives (train.distill.DistillObjective) plug into the same loop."""
 
-    def __init__(self, per_sample: bool = True, region_align: float = 1.0, region_align_kind: str = "absolute"):
+    def __init__(self, per_sample: bool = True, region_align: float = 1.0, region_align_kind: str = "absolute",
+                 cell_align: float = 0.0):
         if region_align_kind not in REGION_ALIGN_KINDS:
             raise InputError(f"unknown region alignment {region_align_kind!r} (one of {', '.join(REGION_ALIGN_KINDS)})")
+        if not cell_align >= 0:
+            raise InputError(f"--cell-align must be >= 0, got {cell_align}")
         self.per_sample, self.region_align, self.region_align_kind = per_sample, region_align, region_align_kind
+        self.cell_align = cell_align  # weight of train.cell_align's loss; the batches then carry its targets
 
     def to(self, device) -> "AnswerLoss":
         return self
@@ -470,17 +484,33 @@ class AnswerLoss:
                region_share: float = 1.0) -> ChatSpotOutput:
         """The model's training forward on the micro-batch: loss, and logits at the answer positions.
         `region_share` scales the alignment weight (the micro-batch's share of the step's regions)."""
-        batch = {k: v for k, v in batch.items() if k not in BATCH_META}
-        return model(image_embeds=model.project(features), per_sample=self.per_sample,
-                     region_align=self.region_align * region_share, region_align_kind=self.region_align_kind, **batch)
+        return self._output(model, features, batch, region_share)[0]
+
+    def _output(self, model: ChatSpotModel, features: torch.Tensor, batch: dict,
+                region_share: float = 1.0) -> tuple[ChatSpotOutput, torch.Tensor | None]:
+        """(the output, the image-cell alignment loss already in its loss, or None when off)."""
+        image_embeds = model.project(features)
+        fields = {k: v for k, v in batch.items() if k not in BATCH_META}
+        out = model(image_embeds=image_embeds, per_sample=self.per_sample,
+                    region_align=self.region_align * region_share, region_align_kind=self.region_align_kind, **fields)
+        cell = None
+        if self.cell_align > 0:
+            if "cell_words" not in batch:
+                raise ValueError("cell_align > 0 needs batches collated with cell_words (Batches(cell_words=...))")
+            from chatspot_edge.train.cell_align import cell_alignment_loss
+
+            cell = cell_alignment_loss(model, image_embeds, batch["cell_words"], batch["cell_targets"])
+            out.loss = out.loss + self.cell_align * cell
+        return out, cell
 
     def __call__(self, model: ChatSpotModel, features: torch.Tensor, batch: dict,
                  region_share: float = 1.0) -> tuple[torch.Tensor, dict]:
-        return self.output(model, features, batch, region_share).loss, {}
+        out, cell = self._output(model, features, batch, region_share)
+        return out.loss, ({} if cell is None else {"cell": float(cell.detach())})
 
     def describe(self) -> dict:
         return {"objective": "answer cross-entropy", "per_sample": self.per_sample, "region_align": self.region_align,
-                "region_align_kind": self.region_align_kind}
+                "region_align_kind": self.region_align_kind, "cell_align": self.cell_align}
 
 
 def init_distributed(device_option: str | None = None) -> tuple[int, int, str]:
@@ -579,7 +609,8 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
     model.to(device)
     if objective is None:
         objective = AnswerLoss(opts.per_sample_loss, opts.region_align,
-                               opts.region_align_kind or d.get("region_align_kind", "absolute"))
+                               opts.region_align_kind or d.get("region_align_kind", "absolute"),
+                               d.get("cell_align", 0.0) if opts.cell_align is None else opts.cell_align)
     objective.to(device)
     sharded = None
     if opts.fsdp:
@@ -589,8 +620,14 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
             raise InputError("--fsdp with --lora is not supported: LoRA adapters are small enough for DDP")
         sharded = _shard(model, objective)
     proc = Processor(tok, model.config)
-    data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, max_tokens, turns)
-    data1 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed + 1, max_tokens, turns)
+    cell_words = None
+    if getattr(objective, "cell_align", 0) > 0:
+        from chatspot_edge.train.cell_align import word_token_ids
+
+        cell_words = word_token_ids(tok)
+    data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, max_tokens, turns, cell_words)
+    data1 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed + 1, max_tokens, turns,
+                    cell_words)
     data1._pixels = data2._pixels  # one image cache
 
     state_dir = opts.out.with_name(opts.out.name + ".train-state")

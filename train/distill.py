@@ -208,7 +208,9 @@ class DistillObjective(AnswerLoss):
             loss = loss + self.kd_weight * kd
             parts["kd"] = float(kd.detach())
         if self.hidden_weight > 0:
-            valid = batch["attention_mask"].bool()
+            # the real (non-padding) positions: the 2D attention mask, or for samples of independent turns (whose
+            # attention mask is 4D, `train.adapt.turn_masks`) the padding mask collated beside it
+            valid = batch.get("token_mask", batch["attention_mask"]).bool()
             dist = [1 - F.cosine_similarity(s_cap.out[i][valid].float(), t_cap.out[t][valid].float(), dim=-1).mean()
                     for i, t in enumerate(self.block_map)]
             hid = torch.stack(dist).mean()
@@ -294,7 +296,7 @@ class TeacherCache:
             for i in range(0, len(recs), batch_size):
                 b = batches.collate(recs[i:i + batch_size])
                 for k in BATCH_META:
-                    b.pop(k)
+                    b.pop(k, None)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = teacher(per_sample=True, **{k: v.to(device) for k, v in b.items()}).logits
                 logp = F.log_softmax(logits.float() / float(self.key["temperature"]), dim=-1)
@@ -367,7 +369,7 @@ def _calibration_batches(model: ChatSpotModel, tok, data: Path, n: int, seed: in
     for i in range(0, len(idx), batch_size):
         batch = b.collate(idx[i:i + batch_size])
         for k in BATCH_META:
-            batch.pop(k)
+            batch.pop(k, None)
         out.append(batch)
     return out
 

@@ -1,0 +1,160 @@
+"""Where does grounding fail: finding the object, or writing its box? A diagnostic for issue 17.
+
+For the grounding questions of a split ("Locate the purple circle." -> a box), through a chatspot-loc-v1
+checkpoint in PyTorch:
+
+- **teacher-forced coordinates**: at each of the answer's four `<loc_k>` tokens (x1, y1, x2, y2), the model's
+  argmax given the TRUE earlier tokens: exact bin, within one bin, mean |error| in bins. x1 is the search (the
+  model must find the object from its description); x2 / y2 given x1 / y1 are reading an object it has been
+  pointed at.
+- **the best constant bin** per coordinate (in hindsight, over the same questions): the score of a model that
+  knows where objects tend to be and nothing else.
+- **greedy answers**: grounding accuracy (IoU >= 0.5) and where each answer box's centre falls: in the target
+  object, in another object of the image, or on no object.
+
+  python -m chatspot_edge.benchmarks.grounding_probe CKPT --data DIR [--split test] [--max-items N] [--out JSON]
+
+Measured on the hour-trained mini (docs/results.md, session 12): x2 / y2 within one bin 54-56% given the true
+x1 / y1, x1 within one bin 16% where the best constant bin gets 12.7%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatspot_edge import referring
+from chatspot_edge.errors import InputError
+from chatspot_edge.model.chatspot import ChatSpotModel
+
+COORDS = ("x1", "y1", "x2", "y2")
+
+
+@torch.no_grad()
+def teacher_forced(model: ChatSpotModel, tok, records: list[dict], load, autocast: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, true) bins `[n, 4]` at the answer's four loc positions (the answer as the model is trained on
+    it, `Processor.encode_conversation`), each prediction given the true earlier answer tokens; -1 where the
+    argmax is not a loc token. One record at a time."""
+    from chatspot_edge.model.loc_tokens import loc_token_ids
+    from chatspot_edge.model.preprocess import region_crops, resize_pixels
+    from chatspot_edge.model.processor import Processor
+
+    proc, locs = Processor(tok, model.config), loc_token_ids(model)
+    out = np.full((len(records), 4), -1, dtype=np.int64)
+    truth = np.full((len(records), 4), -1, dtype=np.int64)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    for n, rec in enumerate(records):
+        enc = proc.encode_conversation(rec["conversations"][:2])
+        img = load(rec)
+        px = torch.from_numpy(resize_pixels(img, model.config.vision.image_size).copy())[None]
+        crops = None
+        if enc.boxes and model.config.region_crop == "original":
+            crops = torch.from_numpy(region_crops(img, enc.boxes, model.config.region_crop_size))
+        boxes = torch.tensor(enc.boxes, dtype=torch.float32).reshape(-1, 4)
+        with ctx:
+            o = model(torch.tensor([enc.ids]), pixels=px, labels=torch.tensor([enc.labels]), boxes=boxes,
+                      box_batch=torch.zeros(len(enc.boxes), dtype=torch.long), crops=crops)
+        targets = torch.tensor(enc.labels[1:])
+        targets = targets[targets != -100]
+        pred = o.logits.float().argmax(-1)
+        k = 0
+        for t, p in zip(targets.tolist(), pred.tolist()):
+            if t in locs and k < 4:
+                out[n, k] = p - locs.start if p in locs else -1
+                truth[n, k] = t - locs.start
+                k += 1
+        if k != 4:
+            raise InputError(f"{rec['id']}: the answer is not one box of four loc tokens")
+    return out, truth
+
+
+def best_constant(truth: np.ndarray, bins: int) -> list[dict]:
+    """Per coordinate, the bin whose +-1 neighbourhood holds most targets, and its exact / within-one rates."""
+    res = []
+    for c in range(truth.shape[1]):
+        within = [float((np.abs(truth[:, c] - b) <= 1).mean()) for b in range(bins)]
+        b = int(np.argmax(within))
+        res.append({"bin": b, "exact": float((truth[:, c] == b).mean()), "within1": within[b]})
+    return res
+
+
+def centre_in(answer_box, record: dict) -> str:
+    """"target", "other" (another object of the image) or "none": where an answer box's centre falls."""
+    cx, cy = (answer_box[0] + answer_box[2]) / 2, (answer_box[1] + answer_box[3]) / 2
+    w, h = record["width"], record["height"]
+    hit = [k for k, o in enumerate(record["objects"])
+           if o["box"][0] / w <= cx <= o["box"][2] / w and o["box"][1] / h <= cy <= o["box"][3] / h]
+    return "target" if record["target"]["object"] in hit else ("other" if hit else "none")
+
+
+def probe(model: ChatSpotModel, tok, data: Path, split: str = "test", max_items: int | None = None,
+          autocast: bool = False) -> dict:
+    from chatspot_edge.data import load_image, load_split
+    from chatspot_edge.evaluation.answerers import TorchAnswerer
+    from chatspot_edge.evaluation.protocol import Request
+
+    fmt = model.config.referring_format
+    if not fmt.is_loc:
+        raise InputError(f"the model speaks {fmt.name}: teacher-forced coordinates need chatspot-loc-v1 (one token "
+                         "per coordinate)")
+    records = [r for r in load_split(data, split) if r.get("task") == "grounding"][:max_items]
+    if not records:
+        raise InputError(f"{data}: no grounding questions in the {split} split")
+    load = lambda r: load_image(data, r)  # noqa: E731
+    pred, truth = teacher_forced(model, tok, records, load, autocast)
+    err = np.abs(pred - truth)
+    forced = {c: {"exact": float((err[:, i] == 0).mean()), "within1": float(((err[:, i] <= 1) & (pred[:, i] >= 0)).mean()),
+                  "mean_abs_bins": float(err[pred[:, i] >= 0, i].mean()) if (pred[:, i] >= 0).any() else None}
+              for i, c in enumerate(COORDS)}
+    answerer = TorchAnswerer(model, tok, batch_size=16, autocast=torch.bfloat16 if autocast else None)
+    answers = answerer.answer([Request(lambda r=r: load(r), r["id"], r["conversations"][0]["value"]) for r in records])
+    where = {"target": 0, "other": 0, "none": 0, "no box": 0}
+    hits = 0
+    for r, a in zip(records, answers):
+        boxes = [g for g in referring.parse_regions(a, fmt.bins) if g.kind == "box"]
+        if not boxes:
+            where["no box"] += 1
+            continue
+        where[centre_in(boxes[0].coords, r)] += 1
+        box = r["objects"][r["target"]["object"]]["box"]
+        w, h = r["width"], r["height"]
+        hits += referring.iou(boxes[0].coords, (box[0] / w, box[1] / h, box[2] / w, box[3] / h)) >= 0.5
+    return {"items": len(records), "bins": fmt.bins, "teacher_forced": forced,
+            "best_constant": dict(zip(COORDS, best_constant(truth, fmt.bins))),
+            "grounding": hits / len(records), "answer_centre_in": where, "answers": answers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--max-items", type=int, default=None)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (as eval does on CPUs with bf16 matrix units)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    from chatspot_edge.files import atomic_write_text
+    from chatspot_edge.model.checkpoint import load_checkpoint
+
+    try:
+        model, tok = load_checkpoint(args.checkpoint)
+        model.eval()
+        res = probe(model, tok, args.data, args.split, args.max_items, args.bf16)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps({k: v for k, v in res.items() if k != "answers"}, indent=1)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
