@@ -47,7 +47,7 @@ def test_teacher_forced_bins_are_the_full_forward_argmax_at_the_loc_positions(lo
     model, tok = loc_model
     recs = [r for r in load_split(spotworld, "test") if r["task"] == "grounding"][:3]
     assert recs
-    pred, truth = teacher_forced(model, tok, recs, lambda r: load_image(spotworld, r))
+    pred, truth = teacher_forced(model, tok, recs, spotworld, batch_size=2)  # a padded batch and a single one
     locs = loc_token_ids(model)
     proc = Processor(tok, model.config)
     for n, rec in enumerate(recs):
