@@ -93,7 +93,7 @@ def probe(model: ChatSpotModel, tok, data: Path, split: str = "test", max_items:
           autocast: bool = False) -> dict:
     from chatspot_edge.data import load_image, load_split
     from chatspot_edge.evaluation.answerers import TorchAnswerer
-    from chatspot_edge.evaluation.protocol import Request, grounding_hit
+    from chatspot_edge.evaluation.protocol import evaluate
 
     fmt = model.config.referring_format
     if not fmt.is_loc:
@@ -102,23 +102,21 @@ def probe(model: ChatSpotModel, tok, data: Path, split: str = "test", max_items:
     records = [r for r in load_split(data, split) if r.get("task") == "grounding"][:max_items]
     if not records:
         raise InputError(f"{data}: no grounding questions in the {split} split")
-    load = lambda r: load_image(data, r)  # noqa: E731
     pred, truth = teacher_forced(model, tok, records, data, autocast)
     err = np.abs(pred - truth)
     forced = {c: {"exact": float((err[:, i] == 0).mean()), "within1": float(((err[:, i] <= 1) & (pred[:, i] >= 0)).mean()),
                   "mean_abs_bins": float(err[pred[:, i] >= 0, i].mean()) if (pred[:, i] >= 0).any() else None}
               for i, c in enumerate(COORDS)}
     answerer = TorchAnswerer(model, tok, batch_size=16, autocast=torch.bfloat16 if autocast else None)
-    answers = answerer.answer([Request(lambda r=r: load(r), r["id"], r["conversations"][0]["value"]) for r in records])
+    result = evaluate(answerer, records, lambda r: load_image(data, r), noise=False)  # one item per record
+    answers = result["answers"]
     where = {"target": 0, "other": 0, "none": 0, "no box": 0}
-    hits = 0
     for r, a in zip(records, answers):
         boxes = [g for g in referring.parse_regions(a, fmt.bins) if g.kind == "box"]
         where[centre_in(boxes[0].coords, r) if boxes else "no box"] += 1
-        hits += grounding_hit(a, r["objects"][r["target"]["object"]]["box"], r["width"], r["height"], fmt.bins)
     return {"items": len(records), "bins": fmt.bins, "teacher_forced": forced,
             "best_constant": dict(zip(COORDS, best_constant(truth, fmt.bins))),
-            "grounding": hits / len(records), "answer_centre_in": where, "answers": answers}
+            "grounding": result["metrics"]["grounding"], "answer_centre_in": where, "answers": answers}
 
 
 def main(argv: list[str] | None = None) -> int:
