@@ -9,6 +9,9 @@ checkpoint in PyTorch:
   pointed at.
 - **the best constant bin** per coordinate (in hindsight, over the same questions): the score of a model that
   knows where objects tend to be and nothing else.
+- **does a head find the object**: at the position that predicts x1, the attention mass each head puts on the
+  cells of the target box, renormalized over the image tokens (`train.ground_attn`; uniform attention puts the
+  cells' share there); the supervised heads (head 0 of `supervised_layers`) are what `adapt --ground-attn` trains.
 - **greedy answers**: grounding accuracy (IoU >= 0.5) and where each answer box's centre falls: in the target
   object, in another object of the image, or on no object.
 
@@ -37,13 +40,18 @@ COORDS = ("x1", "y1", "x2", "y2")
 
 @torch.no_grad()
 def teacher_forced(model: ChatSpotModel, tok, records: list[dict], data: Path, autocast: bool = False,
-                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+                   batch_size: int = 16, attention: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(predicted, true) bins `[n, 4]` at the answer's four loc positions, each prediction given the true earlier
     answer tokens; -1 where the argmax is not a loc token. The records are collated as training collates them
-    (`train.adapt.Batches`: the answer as the model learnt it, padding, crops)."""
+    (`train.adapt.Batches`: the answer as the model learnt it, padding, crops). `attention`: a list that receives,
+    per record, the attention mass `[L, H]` every head of every layer puts on the answer box's cells
+    (`train.ground_attn.cell_mask`) at the position that predicts x1, renormalized over the image tokens, and
+    the share of the image's cells those are (what uniform attention puts there)."""
     from chatspot_edge.model.loc_tokens import loc_token_ids
     from chatspot_edge.model.processor import Processor
     from chatspot_edge.train.adapt import BATCH_META, Batches
+    from chatspot_edge.train.ground_attn import (attention_inputs, box_answer_queries, cell_mask, image_attention,
+                                                 image_positions)
 
     locs = loc_token_ids(model)
     batches = Batches(records, data, Processor(tok, model.config), model.config.vision.image_size, seed=0,
@@ -54,8 +62,18 @@ def teacher_forced(model: ChatSpotModel, tok, records: list[dict], data: Path, a
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
     for start in range(0, len(records), batch_size):
         batch = batches.collate(list(range(start, min(start + batch_size, len(records)))))
-        with ctx:
+        n_layers = len(model.llm.get_decoder().layers)
+        with ctx, attention_inputs(model, list(range(n_layers)) if attention is not None else []) as seen:
             o = model(**{k: v for k, v in batch.items() if k not in BATCH_META})
+        if attention is not None:
+            qb, qt, boxes = box_answer_queries(batch["labels"], model)
+            qb, qt, boxes = qb[::4], qt[::4], boxes[::4]  # the position that predicts x1: the search
+            cells = cell_mask(boxes, tuple(model.config.vision.grid))
+            img_pos = image_positions(batch["input_ids"], model)[qb]
+            heads = tuple(range(model.config.text["num_attention_heads"]))
+            mass = torch.stack([(image_attention(model, seen, i, qb, qt, img_pos, heads).exp() * cells[:, None]).sum(-1)
+                                for i in range(n_layers)], dim=1)  # [G, L, H]
+            attention.extend((m.numpy(), float(c.float().mean())) for m, c in zip(mass, cells))
         targets = batch["labels"][:, 1:]
         select = targets != -100
         rows = select.nonzero()[:, 0] + start  # the record of each answer position, in the logits' order
@@ -102,7 +120,17 @@ def probe(model: ChatSpotModel, tok, data: Path, split: str = "test", max_items:
     records = [r for r in load_split(data, split) if r.get("task") == "grounding"][:max_items]
     if not records:
         raise InputError(f"{data}: no grounding questions in the {split} split")
-    pred, truth = teacher_forced(model, tok, records, data, autocast)
+    attention: list = []
+    pred, truth = teacher_forced(model, tok, records, data, autocast, attention=attention)
+    mass = np.stack([m for m, _ in attention])  # [n, L, H]
+    from chatspot_edge.train.ground_attn import supervised_layers
+
+    sup = supervised_layers(mass.shape[1])
+    find = {"uniform": float(np.mean([u for _, u in attention])),
+            "best_head_per_layer": [round(float(x), 4) for x in mass.mean(0).max(-1)],
+            "head0_per_layer": [round(float(x), 4) for x in mass.mean(0)[:, 0]],
+            "supervised_heads": float(mass[:, sup, 0].mean()),
+            "supervised_heads_over_half": float((mass[:, sup, 0] > 0.5).mean())}
     err = np.abs(pred - truth)
     forced = {c: {"exact": float((err[:, i] == 0).mean()), "within1": float(((err[:, i] <= 1) & (pred[:, i] >= 0)).mean()),
                   "mean_abs_bins": float(err[pred[:, i] >= 0, i].mean()) if (pred[:, i] >= 0).any() else None}
@@ -116,6 +144,7 @@ def probe(model: ChatSpotModel, tok, data: Path, split: str = "test", max_items:
         where[centre_in(boxes[0].coords, r) if boxes else "no box"] += 1
     return {"items": len(records), "bins": fmt.bins, "teacher_forced": forced,
             "best_constant": dict(zip(COORDS, best_constant(truth, fmt.bins))),
+            "attention_on_target_at_x1": find,
             "grounding": result["metrics"]["grounding"], "answer_centre_in": where, "answers": answers}
 
 

@@ -74,6 +74,9 @@ def adapt(
     cell_align: Optional[float] = typer.Option(None, "--cell-align", help="weight of the image-cell / word "
                                                "alignment loss (which cells show each colour / shape word of the "
                                                "records' objects; 0: off; default: the preset's)"),
+    ground_attn: Optional[float] = typer.Option(None, "--ground-attn", help="weight of the grounding attention "
+                                                "supervision (heads look at the image cells of a box answer's object; "
+                                                "loc models; 0: off; default: the preset's)"),
     region_placement: Optional[str] = typer.Option(None, "--region-placement", help="after_box or before_answer"),
     init: Optional[Path] = typer.Option(None, "--init", help="start from this trained checkpoint instead of the "
                                                               "preset (its design and referring format)"),
@@ -111,6 +114,7 @@ def adapt(
                         save_every=save_every, resume=resume, lora=lora, fsdp=fsdp, seed=seed, vision_pool=vision_pool,
                         region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed, lr_proj=lr_proj,
                         region_align=region_align, region_align_kind=region_align_kind, cell_align=cell_align,
+                        ground_attn=ground_attn,
                         region_placement=region_placement, init=init,
                         warm_start=warm_start, turns=turns, embeddings=embeddings, precision=precision,
                         design=dict(position_2d=position_2d, region_crop=region_crop, region_geometry=region_geometry),

@@ -63,6 +63,23 @@ def test_teacher_forced_bins_are_the_full_forward_argmax_at_the_loc_positions(lo
     assert len({tuple(p) for p in pred.tolist()}) > 1 and len(set(pred[0].tolist())) > 1  # predictions vary
 
 
+def test_attention_on_target_is_the_heads_mass_on_the_answer_cells(loc_model, spotworld):
+    """The probe's attention figure: per record `[L, H]` masses in [0, 1] that depend on the record (that they are the
+    layers' own attention is train.ground_attn's test)."""
+    from chatspot_edge.train.ground_attn import supervised_layers
+
+    model, tok = loc_model
+    recs = [r for r in load_split(spotworld, "test") if r["task"] == "grounding"][:3]
+    att: list = []
+    teacher_forced(model, tok, recs, spotworld, batch_size=2, attention=att)
+    assert len(att) == 3
+    L, H = len(model.llm.get_decoder().layers), model.config.text["num_attention_heads"]
+    for mass, uniform in att:
+        assert mass.shape == (L, H) and ((mass >= 0) & (mass <= 1 + 1e-5)).all() and 0 < uniform <= 1
+    assert len({round(float(m[0, 0]), 4) for m, _ in att}) > 1  # it depends on the record
+    assert supervised_layers(L) == [0, 1]
+
+
 def test_best_constant_and_centre_in():
     truth = np.array([[3, 0], [4, 0], [5, 9], [20, 9]])
     c = best_constant(truth, 32)
@@ -86,6 +103,10 @@ def test_cli_writes_the_report_and_refuses_text_models(tmp_path, loc_model, spot
     assert set(r["teacher_forced"]) == {"x1", "y1", "x2", "y2"} == set(r["best_constant"])
     assert all(0 <= v["exact"] <= v["within1"] <= 1 for v in r["teacher_forced"].values())
     assert sum(r["answer_centre_in"].values()) == n and 0 <= r["grounding"] <= 1
+    find = r["attention_on_target_at_x1"]  # tiny: 2 layers of 4 heads, a 4 x 4 grid
+    assert len(find["best_head_per_layer"]) == len(find["head0_per_layer"]) == 2
+    assert all(0 <= h <= b <= 1 for h, b in zip(find["head0_per_layer"], find["best_head_per_layer"]))
+    assert 1 / 16 <= find["uniform"] <= 1 and 0 <= find["supervised_heads_over_half"] <= 1
     text, ttok = tiny  # chatspot-text-v1: a coordinate is several tokens, no teacher-forced bins
     save_checkpoint(text, ttok, tmp_path / "text")
     assert main([str(tmp_path / "text"), "--data", str(spotworld)]) == 2

@@ -53,6 +53,18 @@ def test_kill_and_resume_matches_uninterrupted(spot, tmp_path):
     assert all(abs(x[2] - y[2]) < 1e-3 for x, y in zip(la, lb))
 
 
+def test_adapt_with_grounding_attention(spot, tmp_path):
+    """`adapt --ground-attn W` on a loc model: its loss part is on the progress line and in the provenance; a text-v1
+    model is refused before training (exit 2, one line)."""
+    r = _adapt(spot, tmp_path / "g", "--referring", "loc", "--bins", "8", "--ground-attn", "0.5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert " ground " in r.stderr
+    objective = json.loads((tmp_path / "g" / "config.json").read_text())["provenance"]["adapt"]["objective"]
+    assert objective["ground_attn"] == 0.5
+    bad = _adapt(spot, tmp_path / "t", "--ground-attn", "0.5")
+    assert bad.returncode == 2 and "--referring loc" in bad.stderr and not (tmp_path / "t").exists()
+
+
 def test_adapt_changes_trainable_parts_only_and_evaluates(spot, tmp_path):
     from chatspot_edge.evaluation import evaluate_path
     from chatspot_edge.model.presets import build_preset

@@ -88,6 +88,8 @@ class AdaptOptions:
     region_align_kind: str | None = None  # "absolute", "contrastive" or "both" (None: the preset's)
     cell_align: float | None = None  # weight of the image-cell / word alignment loss (train.cell_align; None: the
     # preset's, 0: off); needs records with SPEC-5 `objects`
+    ground_attn: float | None = None  # weight of the grounding attention supervision (train.ground_attn: heads look
+    # at the cells of a box answer's object; None: the preset's, 0: off); loc models only
     region_placement: str | None = None  # override the preset's: "after_box" or "before_answer"
     init: Path | None = None  # start from an existing checkpoint instead of the preset
     warm_start: Path | None = None  # copy projector, region encoder and added-token rows from this checkpoint
@@ -469,13 +471,16 @@ class AnswerLoss:
     checkpoint's provenance. Other objectives (train.distill.DistillObjective) plug into the same loop."""
 
     def __init__(self, per_sample: bool = True, region_align: float = 1.0, region_align_kind: str = "absolute",
-                 cell_align: float = 0.0):
+                 cell_align: float = 0.0, ground_attn: float = 0.0):
         if region_align_kind not in REGION_ALIGN_KINDS:
             raise InputError(f"unknown region alignment {region_align_kind!r} (one of {', '.join(REGION_ALIGN_KINDS)})")
         if not cell_align >= 0:
             raise InputError(f"--cell-align must be >= 0, got {cell_align}")
         self.per_sample, self.region_align, self.region_align_kind = per_sample, region_align, region_align_kind
         self.cell_align = cell_align  # weight of train.cell_align's loss; the batches then carry its targets
+        if not ground_attn >= 0:
+            raise InputError(f"--ground-attn must be >= 0, got {ground_attn}")
+        self.ground_attn = ground_attn  # weight of train.ground_attn's loss (targets read from the labels)
 
     def to(self, device) -> "AnswerLoss":
         return self
@@ -487,12 +492,29 @@ class AnswerLoss:
         return self._output(model, features, batch, region_share)[0]
 
     def _output(self, model: ChatSpotModel, features: torch.Tensor, batch: dict,
-                region_share: float = 1.0) -> tuple[ChatSpotOutput, torch.Tensor | None]:
-        """(the output, the image-cell alignment loss already in its loss, or None when off)."""
+                region_share: float = 1.0) -> tuple[ChatSpotOutput, dict[str, torch.Tensor]]:
+        """(the output, {name: auxiliary loss already in its loss}: "cell" (image-cell alignment), "ground"
+        (grounding attention), each when on and the micro-batch has targets for it)."""
         image_embeds = model.project(features)
         fields = {k: v for k, v in batch.items() if k not in BATCH_META}
-        out = model(image_embeds=image_embeds, per_sample=self.per_sample,
-                    region_align=self.region_align * region_share, region_align_kind=self.region_align_kind, **fields)
+        parts: dict[str, torch.Tensor] = {}
+        with contextlib.ExitStack() as stack:
+            seen = None
+            if self.ground_attn > 0:
+                from chatspot_edge.train.ground_attn import attention_inputs, supervised_layers
+
+                layers = supervised_layers(len(model.llm.get_decoder().layers))
+                seen = stack.enter_context(attention_inputs(model, layers))
+            out = model(image_embeds=image_embeds, per_sample=self.per_sample,
+                        region_align=self.region_align * region_share, region_align_kind=self.region_align_kind,
+                        **fields)
+        if seen is not None:
+            from chatspot_edge.train.ground_attn import grounding_attention_loss
+
+            ground = grounding_attention_loss(model, seen, batch["input_ids"], batch["labels"])
+            if ground is not None:
+                out.loss = out.loss + self.ground_attn * ground
+                parts["ground"] = ground
         cell = None
         if self.cell_align > 0:
             if "cell_words" not in batch:
@@ -501,16 +523,18 @@ class AnswerLoss:
 
             cell = cell_alignment_loss(model, image_embeds, batch["cell_words"], batch["cell_targets"])
             out.loss = out.loss + self.cell_align * cell
-        return out, cell
+            parts["cell"] = cell
+        return out, parts
 
     def __call__(self, model: ChatSpotModel, features: torch.Tensor, batch: dict,
                  region_share: float = 1.0) -> tuple[torch.Tensor, dict]:
-        out, cell = self._output(model, features, batch, region_share)
-        return out.loss, ({} if cell is None else {"cell": float(cell.detach())})
+        out, parts = self._output(model, features, batch, region_share)
+        return out.loss, {k: float(v.detach()) for k, v in parts.items()}
 
     def describe(self) -> dict:
         return {"objective": "answer cross-entropy", "per_sample": self.per_sample, "region_align": self.region_align,
-                "region_align_kind": self.region_align_kind, "cell_align": self.cell_align}
+                "region_align_kind": self.region_align_kind, "cell_align": self.cell_align,
+                "ground_attn": self.ground_attn}
 
 
 def init_distributed(device_option: str | None = None) -> tuple[int, int, str]:
@@ -610,7 +634,11 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
     if objective is None:
         objective = AnswerLoss(opts.per_sample_loss, opts.region_align,
                                opts.region_align_kind or d.get("region_align_kind", "absolute"),
-                               d.get("cell_align", 0.0) if opts.cell_align is None else opts.cell_align)
+                               d.get("cell_align", 0.0) if opts.cell_align is None else opts.cell_align,
+                               d.get("ground_attn", 0.0) if opts.ground_attn is None else opts.ground_attn)
+    if getattr(objective, "ground_attn", 0) > 0 and not model.config.referring_format.is_loc:
+        raise InputError("--ground-attn reads box answers in chatspot-loc-v1: add --referring loc "
+                         f"(this model speaks {model.config.referring_format.name})")
     objective.to(device)
     sharded = None
     if opts.fsdp:
