@@ -11,7 +11,7 @@ checkpoint in PyTorch:
   knows where objects tend to be and nothing else.
 - **does a head find the object**: at the position that predicts x1, the attention mass each head puts on the
   cells of the target box, renormalized over the image tokens (`train.ground_attn`; uniform attention puts the
-  cells' share there); the supervised heads (head 0 of `supervised_layers`) are what `adapt --ground-attn` trains.
+  cells' share there); the supervised heads (`SUPERVISED_HEADS` of `supervised_layers`) are what `adapt --ground-attn` trains.
 - **greedy answers**: grounding accuracy (IoU >= 0.5) and where each answer box's centre falls: in the target
   object, in another object of the image, or on no object.
 
@@ -60,9 +60,9 @@ def teacher_forced(model: ChatSpotModel, tok, records: list[dict], data: Path, a
     truth = np.full((len(records), 4), -1, dtype=np.int64)
     filled = np.zeros(len(records), dtype=np.int64)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    n_layers = len(model.llm.get_decoder().layers)
     for start in range(0, len(records), batch_size):
         batch = batches.collate(list(range(start, min(start + batch_size, len(records)))))
-        n_layers = len(model.llm.get_decoder().layers)
         with ctx, attention_inputs(model, list(range(n_layers)) if attention is not None else []) as seen:
             o = model(**{k: v for k, v in batch.items() if k not in BATCH_META})
         if attention is not None:
@@ -123,14 +123,14 @@ def probe(model: ChatSpotModel, tok, data: Path, split: str = "test", max_items:
     attention: list = []
     pred, truth = teacher_forced(model, tok, records, data, autocast, attention=attention)
     mass = np.stack([m for m, _ in attention])  # [n, L, H]
-    from chatspot_edge.train.ground_attn import supervised_layers
+    from chatspot_edge.train.ground_attn import SUPERVISED_HEADS, supervised_layers
 
-    sup = supervised_layers(mass.shape[1])
+    sup, head = supervised_layers(mass.shape[1]), list(SUPERVISED_HEADS)
     find = {"uniform": float(np.mean([u for _, u in attention])),
             "best_head_per_layer": [round(float(x), 4) for x in mass.mean(0).max(-1)],
             "head0_per_layer": [round(float(x), 4) for x in mass.mean(0)[:, 0]],
-            "supervised_heads": float(mass[:, sup, 0].mean()),
-            "supervised_heads_over_half": float((mass[:, sup, 0] > 0.5).mean())}
+            "supervised_heads": float(mass[:, sup][:, :, head].mean()),
+            "supervised_heads_over_half": float((mass[:, sup][:, :, head] > 0.5).mean())}
     err = np.abs(pred - truth)
     forced = {c: {"exact": float((err[:, i] == 0).mean()), "within1": float(((err[:, i] <= 1) & (pred[:, i] >= 0)).mean()),
                   "mean_abs_bins": float(err[pred[:, i] >= 0, i].mean()) if (pred[:, i] >= 0).any() else None}

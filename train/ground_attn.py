@@ -33,6 +33,7 @@ from chatspot_edge.model.chatspot import ChatSpotModel
 from chatspot_edge.train.cell_align import cells_covered
 
 BOX_COORDS = 4  # an answer box: x1, y1, x2, y2
+SUPERVISED_HEADS = (0,)  # which query heads of each supervised layer the loss trains
 
 
 def supervised_layers(n_layers: int) -> list[int]:
@@ -145,7 +146,7 @@ def image_positions(input_ids: torch.Tensor, model: ChatSpotModel) -> torch.Tens
 
 
 def grounding_attention_loss(model: ChatSpotModel, seen: dict[int, tuple], input_ids: torch.Tensor,
-                             labels: torch.Tensor, heads: tuple[int, ...] = (0,)) -> torch.Tensor | None:
+                             labels: torch.Tensor, heads: tuple[int, ...] = SUPERVISED_HEADS) -> torch.Tensor | None:
     """The loss above over the layers recorded in `seen` (`attention_inputs`) for the teacher-forced batch
     `input_ids` / `labels` `[B, T]`; `heads`: which query heads of each layer. None when the batch has no box
     answer."""
