@@ -24,7 +24,8 @@ from pathlib import Path
 
 from chatspot_edge.files import atomic_write_text
 
-FIRST_DESIGN = dict(position_2d=False, region_crop="resized", region_geometry=False, vision_merge="avg")
+FIRST_DESIGN = dict(position_2d=False, region_crop="resized", region_geometry=False, region_relative=False,
+                    vision_merge="avg")
 # The first design and recipe (the project before issue 17), with the training throughput changes that do
 # not change the maths left on (fp32 where bf16 is emulated): the baseline every change is added to.
 BASELINE = dict(design=FIRST_DESIGN, referring="text", turns=0, embeddings="all", loc_init="mean")
@@ -33,6 +34,8 @@ CHANGES = {  # name: (what it changes, the AdaptOptions overrides)
     "loc": ("single-token coordinates (chatspot-loc-v1, 32 bins)", dict(referring="loc", bins=32)),
     "crop": ("region crop of the original image (32 x 128, aspect kept)", dict(design=dict(region_crop="original"))),
     "geometry": ("box centre / size in the region embedding", dict(design=dict(region_geometry=True))),
+    "relative": ("each region placed relative to its question's first region",
+                 dict(design=dict(region_relative=True))),
     "turns": ("8 independent questions per image (shared prefix)", dict(turns=8)),
     "added_rows": ("train the added tokens' embedding rows only", dict(embeddings="added")),
 }

@@ -106,7 +106,8 @@ def reliance(model: ChatSpotModel, tok, records: list[dict], data_dir: Path, bat
         batch = batches.collate(g.tolist())
         image_embeds = model.encode_image(batch["pixels"])
         emb, region = model.embed(batch["input_ids"], image_embeds, batch["boxes"], batch["box_batch"],
-                                  batch["pixels"], batch.get("crops"), return_regions=True)
+                                  batch["pixels"], batch.get("crops"), return_regions=True,
+                                  box_segment=batch.get("box_segment"))
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         rmask = (ids == cfg.region_token_id).unsqueeze(-1)
         imask = (ids == cfg.image_token_id).unsqueeze(-1)

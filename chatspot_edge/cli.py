@@ -94,6 +94,10 @@ def adapt(
                                     "crop of the original image) or resized (16x16 RoI of the square resize)"),
     region_geometry: bool = typer.Option(True, "--region-geometry/--no-region-geometry",
                                          help="box centre / size embedding in each region embedding"),
+    region_relative: Optional[bool] = typer.Option(None, "--region-relative/--no-region-relative",
+                                                   help="each region's offset, edge gaps and size ratios to its "
+                                                        "question's first region in its embedding (default: the "
+                                                        "preset's; with --init: adds the view to the checkpoint)"),
     referring: Optional[str] = typer.Option(None, "--referring",
                                             help="referring format: text (chatspot-text-v1, the default) or loc "
                                                  "(chatspot-loc-v1: one <loc_k> token per coordinate)"),
@@ -117,7 +121,8 @@ def adapt(
                         ground_attn=ground_attn,
                         region_placement=region_placement, init=init,
                         warm_start=warm_start, turns=turns, embeddings=embeddings, precision=precision,
-                        design=dict(position_2d=position_2d, region_crop=region_crop, region_geometry=region_geometry),
+                        design=dict(position_2d=position_2d, region_crop=region_crop, region_geometry=region_geometry,
+                                    **({} if region_relative is None else {"region_relative": region_relative})),
                         referring=referring, bins=bins, loc_init=loc_init, device=device)
     run_adapt(opts)
 

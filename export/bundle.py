@@ -74,9 +74,10 @@ def build_manifest(model, tokenizer, ckpt: Path, llm_info: dict, llm_file: str, 
             graph=REGION_FILE, inputs=region_io["inputs"], outputs=region_io["outputs"], placeholder=REGION_TOKEN,
             placeholder_id=int(cfg.region_token_id), opset=region_io["opset"], placement=cfg.region_placement,
             usage=("one `<region>` per region of the question, placed per `placement` (after each `</box>`, or "
-                   "all at the end of the prompt just before the answer); run the graph on the image's "
-                   "image_embeds, the regions' normalized boxes and the image, and feed row r as the embedding of "
-                   "the r-th `<region>`"),
+                   "all at the end of the prompt just before the answer); run the graph once per question, on the "
+                   "image's image_embeds, ALL the question's regions' normalized boxes in order and the image, and "
+                   "feed row r as the embedding of the r-th `<region>` (a row may depend on the question's other "
+                   "regions: models with relative geometry place each region relative to the first)"),
         )
         if cfg.region_crop == "original":
             from chatspot_edge.model import preprocess as pp

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from chatspot_edge.model.config import ChatSpotConfig
 from chatspot_edge.model.position import GridPosition
-from chatspot_edge.model.region import RegionEncoder
+from chatspot_edge.model.region import RegionEncoder, reference_index
 from chatspot_edge.model.vision import VisionEncoder
 
 IGNORE_INDEX = -100
@@ -60,7 +60,8 @@ class ChatSpotModel(nn.Module):
         self.position = GridPosition(config.hidden_size, config.vision.grid) if config.position_2d else None
         self.region = (
             RegionEncoder(config.hidden_size, config.vision.grid, config.region_min_size, crop=config.region_crop,
-                          crop_size=config.region_crop_size, geometry=config.region_geometry)
+                          crop_size=config.region_crop_size, geometry=config.region_geometry,
+                          relative=config.region_relative)
             if config.region_token else None
         )
         self.llm = llm if llm is not None else LlamaForCausalLM(LlamaConfig(**config.text))
@@ -77,18 +78,23 @@ class ChatSpotModel(nn.Module):
         return x + self.position().to(x.dtype) if self.position is not None else x
 
     def encode_regions(self, image_embeds: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor,
-                       pixels: torch.Tensor | None = None, crops: torch.Tensor | None = None) -> torch.Tensor:
+                       pixels: torch.Tensor | None = None, crops: torch.Tensor | None = None,
+                       box_segment: torch.Tensor | None = None, ref: torch.Tensor | None = None) -> torch.Tensor:
         """Region embeddings `[R, d]` for normalized boxes `[R, 4]` of images `batch_index` `[R]`
         (image_embeds `[B, N, d]`). The appearance view reads `crops` uint8 `[R, h, w, 4]`
         (`model.preprocess.region_crops` of the original images; crop "original") or `pixels` uint8
-        `[B, H, W, 3]` (the resized images; crop "resized")."""
+        `[B, H, W, 3]` (the resized images; crop "resized"). A question is the regions of one image
+        (and one turn, `box_segment` `[R]`, for samples of several questions); `ref` `[R]` overrides which
+        region each one is placed relative to (`model.region.reference_index`)."""
         assert self.region is not None
+        if ref is None and self.region.relative is not None:
+            ref = reference_index(batch_index, box_segment)
         if self.region.crop == "original":
             if crops is None:
                 raise ValueError("this model reads region crops of the original image: pass crops "
                                  "(model.preprocess.region_crops)")
-            return self.region(image_embeds[batch_index], boxes, crops)
-        return self.region(image_embeds[batch_index], boxes, pixels[batch_index])
+            return self.region(image_embeds[batch_index], boxes, crops, ref)
+        return self.region(image_embeds[batch_index], boxes, pixels[batch_index], ref)
 
     # -- sequence assembly ----------------------------------------------------------------------------------
     def embed(
@@ -100,13 +106,15 @@ class ChatSpotModel(nn.Module):
         pixels: torch.Tensor | None = None,
         crops: torch.Tensor | None = None,
         return_regions: bool = False,
+        box_segment: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings `[B, T, d]` with image and region embeddings scattered into their placeholders
         (and, with `return_regions`, the region embeddings `[R, d]` or None).
 
         image_embeds: `[B', N, d]` for the B' samples that hold `<image>` ids (in batch order);
         boxes / box_batch: `[R, 4]` / `[R]` for the `<region>` ids, in (batch, position) order;
-        pixels: the uint8 images `[B', H, W, 3]`; crops: `[R, h, w, 4]` region crops (see `encode_regions`)."""
+        pixels: the uint8 images `[B', H, W, 3]`; crops: `[R, h, w, 4]` region crops (see `encode_regions`);
+        box_segment: `[R]` each region's turn, for samples of several questions."""
         cfg = self.config
         emb = self.llm.get_input_embeddings()(input_ids)
         if image_embeds is not None:
@@ -121,7 +129,7 @@ class ChatSpotModel(nn.Module):
             rmask = (input_ids == cfg.region_token_id).unsqueeze(-1)
             if int(rmask.sum()) != boxes.shape[0]:
                 raise ValueError(f"{int(rmask.sum())} <region> positions for {boxes.shape[0]} regions")
-            region = self.encode_regions(image_embeds, boxes, box_batch, pixels, crops)
+            region = self.encode_regions(image_embeds, boxes, box_batch, pixels, crops, box_segment)
             emb = emb.masked_scatter(rmask, region.to(emb.dtype))
         return (emb, region) if return_regions else emb
 
@@ -152,7 +160,8 @@ class ChatSpotModel(nn.Module):
         logits."""
         if image_embeds is None and pixels is not None:
             image_embeds = self.encode_image(pixels)
-        emb, region = self.embed(input_ids, image_embeds, boxes, box_batch, pixels, crops, return_regions=True)
+        emb, region = self.embed(input_ids, image_embeds, boxes, box_batch, pixels, crops, return_regions=True,
+                                 box_segment=box_segment)
         # get_decoder(): the LlamaModel, also through a peft (LoRA) wrapper, where `.model` is the LlamaForCausalLM
         hidden = self.llm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask,
                                         position_ids=position_ids).last_hidden_state

@@ -63,6 +63,7 @@ class ChatSpotConfig:
     # "resized" (16x16 RoI of the model's square resize; the first design); see model.region
     region_crop_size: tuple[int, int] = (32, 128)  # (h, w) canvas of the "original" crop
     region_geometry: bool = False  # add the box's centre / size embedding to each region embedding
+    region_relative: bool = False  # add the box's geometry relative to its question's first region
     position_2d: bool = False  # add each image token's 2D cell-centre embedding in the projector (model.position)
     image_token_id: int = -1
     box_start_id: int = -1

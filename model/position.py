@@ -75,6 +75,45 @@ class BoxGeometry(nn.Module):
         return self.mlp(torch.cat([fourier(centre_size, self.n_freq), logs], dim=-1))
 
 
+REL_FREQ = 4  # relative geometry: centre offsets, periods 4 down to 1/2 of the image side (offsets span [-1, 1])
+_REL_SIZE_FLOOR = 1e-3  # a point is a zero-size box: sizes are floored here before their log ratios
+
+
+def relative_features(boxes: torch.Tensor, ref: torch.Tensor, n_freq: int = REL_FREQ) -> torch.Tensor:
+    """Where box `[R, 4]` lies relative to its reference box `[R, 4]` (both normalized x1, y1, x2, y2):
+    the centre offset (dx, dy, in [-1, 1]) raw and as Fourier features, the four edge gaps (x1 - ref x2:
+    > 0 when the box lies wholly right of the reference; ref x1 - x2: wholly left; y1 - ref y2: below;
+    ref y1 - y2: above) and the log ratios of width, height and area (in units of log 1000). -> `[R, 9 + 4F]`."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    a1, b1, a2, b2 = ref.unbind(-1)
+    dx, dy = (x1 + x2 - a1 - a2) / 2, (y1 + y2 - b1 - b2) / 2
+    gaps = torch.stack([x1 - a2, a1 - x2, y1 - b2, b1 - y2], dim=-1)
+    w, h = (x2 - x1).clamp(min=_REL_SIZE_FLOOR), (y2 - y1).clamp(min=_REL_SIZE_FLOOR)
+    rw, rh = (a2 - a1).clamp(min=_REL_SIZE_FLOOR), (b2 - b1).clamp(min=_REL_SIZE_FLOOR)
+    logs = torch.stack([torch.log(w / rw), torch.log(h / rh), torch.log(w * h / (rw * rh))], dim=-1) / math.log(1e3)
+    offset = torch.stack([dx, dy], dim=-1)
+    # the Fourier basis reads [0, 1]: an offset in [-1, 1] is mapped there, so its lowest period (4 in offset
+    # units) never wraps a left offset onto a right one
+    return torch.cat([offset, gaps, logs, fourier((offset + 1) / 2, n_freq)], dim=-1)
+
+
+class RelativeGeometry(nn.Module):
+    """`(boxes [R, 4], ref [R, 4]) -> [R, d]`: each region's place and size relative to a reference region
+    (the first region of its question, `model.region.reference_index`), through a small MLP whose output
+    layer starts at zero (a model gains the view without changing what it computed). With it, "is the first
+    region left of the second?" is one token's feature, not a comparison of two tokens' coordinates."""
+
+    def __init__(self, hidden: int, n_freq: int = REL_FREQ):
+        super().__init__()
+        self.n_freq = n_freq
+        self.mlp = nn.Sequential(nn.Linear(9 + 4 * n_freq, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, boxes: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return self.mlp(relative_features(boxes, ref, self.n_freq))
+
+
 def loc_rows(n_bins: int, mean: torch.Tensor, scale: float, position: GridPosition | None = None,
              seed: int = 0) -> torch.Tensor:
     """Initial embedding rows `[n_bins, d]` for `<loc_0>`..`<loc_{n_bins-1}>` (chatspot-loc-v1): the mean token

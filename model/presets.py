@@ -81,7 +81,7 @@ def efficientnet_vision(pool: int = 2, merge: str = "avg") -> VisionConfig:
 
 # The model's referring design (each a measured choice, see docs/quality.md); `build_preset(design=...)`
 # overrides single entries for ablations.
-DESIGN = dict(position_2d=True, region_crop="original", region_geometry=True, vision_merge="avg")
+DESIGN = dict(position_2d=True, region_crop="original", region_geometry=True, region_relative=True, vision_merge="avg")
 
 
 def preset_config(preset: str, tokenizer, vision_pool: int = 2, design: dict | None = None) -> ChatSpotConfig:
@@ -92,7 +92,8 @@ def preset_config(preset: str, tokenizer, vision_pool: int = 2, design: dict | N
     common = dict(system_prompt=DEFAULT_SYSTEM, prompt_template=CHATML_TEMPLATE, assistant_end=CHATML_END,
                   turn_template=CHATML_TURN, region_token=True, region_placement="before_answer",
                   position_2d=bool(des["position_2d"]), region_crop=des["region_crop"],
-                  region_geometry=bool(des["region_geometry"]), **_token_ids(tokenizer))
+                  region_geometry=bool(des["region_geometry"]), region_relative=bool(des["region_relative"]),
+                  **_token_ids(tokenizer))
     n_vocab = len(tokenizer)
     if preset == "tiny":
         text = LlamaConfig(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

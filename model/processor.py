@@ -28,7 +28,7 @@ class Encoded:
     # turn k; and the token's position (each turn starts right after the prefix)
     segments: list[int] | None = None
     positions: list[int] | None = None
-    box_segments: list[int] | None = None  # the turn of each box
+    box_segments: list[int] | None = None  # the turn (question) of each box, from 1
 
 
 class Processor:
@@ -77,13 +77,16 @@ class Processor:
         ids: list[int] = []
         labels: list[int] = []
         boxes: list[Box] = []
+        box_segments: list[int] = []
         end = self.config.assistant_end
         first = True
         for i in range(0, len(conversations) - 1, 2):
             human, gpt = conversations[i], conversations[i + 1]
             if human.get("from") != "human" or gpt.get("from") != "gpt":
                 raise ValueError("conversations must alternate human / gpt turns")
-            boxes += self.question_boxes(human["value"])
+            qb = self.question_boxes(human["value"])
+            boxes += qb
+            box_segments += [i // 2 + 1] * len(qb)
             if first:
                 prompt_text = self.render(human["value"], lambda q: head + tail.format(question=q))
             else:
@@ -93,7 +96,7 @@ class Processor:
             ids += p + a
             labels += [IGNORE_INDEX] * len(p) + a
             first = False
-        return Encoded(ids, labels, boxes)
+        return Encoded(ids, labels, boxes, box_segments=box_segments)
 
     def encode_turns(self, conversations: list[dict], max_turns: int | None = None,
                      max_tokens: int | None = None) -> Encoded:

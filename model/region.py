@@ -13,7 +13,12 @@ It is an addition to the text coordinates: the coordinates stay in the prompt, a
   - "resized" (the first design, kept for old checkpoints and the ablation): the box resampled out of the
     model's 224 x 224 square resize at 16 x 16 with `grid_sample` (RoIAlign on pixels); a word is a smear.
 - geometry (`config.region_geometry`): the box's centre and size (`model.position.BoxGeometry`), so that two
-  regions can be compared ("left of", "larger than") without decoding digits.
+  regions can be compared ("left of", "larger than") without decoding digits;
+- relative geometry (`config.region_relative`): the box's offset, edge gaps and size ratios to the first
+  region of the same question (`model.position.RelativeGeometry`; the first region's is its relation to
+  itself, the same for every first region), so a comparison of two regions is read off the second region's
+  embedding. The region graph runs once per question, so inside it the reference is simply the first box;
+  training batches many questions and passes each region's reference (`reference_index`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chatspot_edge.model.position import BoxGeometry
+from chatspot_edge.model.position import BoxGeometry, RelativeGeometry
 
 REGION_CROPS = ("resized", "original")
+
+
+def reference_index(box_batch: torch.Tensor, box_segment: torch.Tensor | None = None) -> torch.Tensor:
+    """`[R]` index of the first region of each region's question: the regions of sample `box_batch[r]`
+    (and, for samples of several questions, of turn `box_segment[r]`) form one question; regions are in
+    (batch, position) order, so the first is the one with the lowest index."""
+    key = box_batch if box_segment is None else box_batch * (int(box_segment.max()) + 1) + box_segment
+    _, inverse = torch.unique(key, return_inverse=True)
+    order = torch.arange(key.shape[0], device=key.device)
+    first = torch.full((int(inverse.max()) + 1,), key.shape[0], dtype=torch.long, device=key.device)
+    first = first.scatter_reduce(0, inverse, order, reduce="amin")
+    return first[inverse]
 
 
 def box_cell_weights(boxes: torch.Tensor, grid: tuple[int, int], min_size: float = 0.0) -> torch.Tensor:
@@ -101,7 +118,8 @@ class RegionEncoder(nn.Module):
 
     def __init__(self, hidden: int, grid: tuple[int, int], min_size: float = 0.0,
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.25, 0.25, 0.25),
-                 crop: str = "resized", crop_size: tuple[int, int] = (32, 128), geometry: bool = False):
+                 crop: str = "resized", crop_size: tuple[int, int] = (32, 128), geometry: bool = False,
+                 relative: bool = False):
         super().__init__()
         if crop not in REGION_CROPS:
             raise ValueError(f"unknown region crop {crop!r} (one of {REGION_CROPS})")
@@ -121,8 +139,12 @@ class RegionEncoder(nn.Module):
                 nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GELU(), nn.Flatten(),
                 nn.Linear(64 * (CROP // 4) ** 2, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.geometry = BoxGeometry(hidden) if geometry else None
+        self.relative = RelativeGeometry(hidden) if relative else None
 
-    def forward(self, image_embeds: torch.Tensor, boxes: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_embeds: torch.Tensor, boxes: torch.Tensor, source: torch.Tensor,
+                ref: torch.Tensor | None = None) -> torch.Tensor:
+        """`ref` `[R]`: the index of each region's reference region (`reference_index`); None: all the boxes
+        are one question's and the first is the reference (the exported graph)."""
         R = boxes.shape[0]
         w = box_cell_weights(boxes.to(image_embeds.dtype), self.grid, self.min_size)  # [R, N]
         pooled = torch.einsum("rn,rnd->rd", w, image_embeds.expand(R, -1, -1))
@@ -135,4 +157,7 @@ class RegionEncoder(nn.Module):
             out = out + self.appearance(crops.to(pooled.dtype))
         if self.geometry is not None:
             out = out + self.geometry(boxes.to(out.dtype))
+        if self.relative is not None:
+            b = boxes.to(out.dtype)
+            out = out + self.relative(b, b[ref] if ref is not None else b[:1].expand_as(b))
         return out

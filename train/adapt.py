@@ -167,6 +167,8 @@ class Batches:
             if len(enc.ids) > self.max_tokens:  # keep the prompt, truncate the tail (labels included)
                 n_regions = enc.ids[: self.max_tokens].count(self.proc.config.region_token_id)
                 enc.ids, enc.labels, enc.boxes = enc.ids[: self.max_tokens], enc.labels[: self.max_tokens], enc.boxes[:n_regions]
+                if enc.box_segments is not None:
+                    enc.box_segments = enc.box_segments[:n_regions]
             encs.append(enc)
             pix.append(self.pixels(rec))
             if want_crops and enc.boxes:
@@ -188,6 +190,8 @@ class Batches:
         if self.turns:
             out.update(turn_masks(encs, T))
             out["token_mask"] = mask  # the 4D attention mask replaces it; hidden-state matching needs the padding
+        elif any(e.boxes for e in encs):  # which question each region belongs to (its relative geometry's reference)
+            out["box_segment"] = torch.tensor([k for e in encs for k in e.box_segments], dtype=torch.long)
         if want_crops:
             h, w = cfg.region_crop_size
             out["crops"] = torch.from_numpy(np.concatenate(crops) if crops else np.zeros((0, h, w, 4), np.uint8))
@@ -405,6 +409,8 @@ def _build_model(opts: AdaptOptions):
         model, tok = load_checkpoint(opts.init)
         if fmt is not None:  # a text-v1 checkpoint learns the loc format: its loc tokens are added here
             set_referring(model, tok, fmt)
+        if (opts.design or {}).get("region_relative") and model.region is not None and model.region.relative is None:
+            add_relative_geometry(model)
         return model, tok
     blocks = tuple(int(b) for b in opts.blocks.split(",")) if opts.blocks else None
     model, tok = build_preset(opts.preset, pretrained=True, vision_pool=opts.vision_pool, seed=opts.seed,
@@ -415,6 +421,16 @@ def _build_model(opts: AdaptOptions):
     if opts.region_placement:
         model.config.region_placement = opts.region_placement
     return model, tok
+
+
+def add_relative_geometry(model: ChatSpotModel) -> None:
+    """Give a trained checkpoint's region encoder the relative-geometry view (`--init CKPT --region-relative`).
+    Its output layer starts at zero, so the model computes exactly what it did until the view trains."""
+    from chatspot_edge.model.position import RelativeGeometry
+
+    ref = next(model.region.parameters())
+    model.region.relative = RelativeGeometry(model.config.hidden_size).to(device=ref.device, dtype=ref.dtype)
+    model.config.region_relative = True
 
 
 def warm_start_from(model: ChatSpotModel, source: Path) -> dict:
@@ -434,7 +450,10 @@ def warm_start_from(model: ChatSpotModel, source: Path) -> dict:
             mine, theirs = getattr(model, name), getattr(src, name)
             if mine is None or theirs is None:
                 continue
-            mine.load_state_dict(theirs.state_dict())
+            missing, unexpected = mine.load_state_dict(theirs.state_dict(), strict=False)
+            if unexpected or any(not k.startswith("relative.") for k in missing):  # only a view the source lacks
+                raise InputError(f"{source}: its {name} does not match the {model.config.preset} preset's "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
             copied.append(name)
         emb, src_emb = model.llm.get_input_embeddings().weight, src.llm.get_input_embeddings().weight
         rows = _added_rows(model)
