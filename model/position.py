@@ -3,8 +3,9 @@
 Image tokens reach the LLM in raster order with 1D rotary positions only, so without help the model cannot
 tell a token of the top-left cell from one of the bottom-right cell except by counting. Each image token
 therefore gets an embedding of its cell centre added in the projector (`GridPosition`, exported inside
-the vision graph as a constant); each region embedding gets one of its box (`BoxGeometry`: centre, size),
-so two regions can be compared ("left of", "larger than").
+the vision graph as a constant); each region embedding gets one of its box (`BoxGeometry`: centre, size) and,
+with `RelativeGeometry`, one of where it lies relative to the first region of its question (offset, edge gaps,
+size ratios), so two regions can be compared ("left of", "larger than") from one token.
 
 Both read the same fixed Fourier basis of a normalized coordinate c in [0, 1]:
 
