@@ -79,16 +79,15 @@ class ChatSpotModel(nn.Module):
 
     def encode_regions(self, image_embeds: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor,
                        pixels: torch.Tensor | None = None, crops: torch.Tensor | None = None,
-                       box_segment: torch.Tensor | None = None, ref: torch.Tensor | None = None) -> torch.Tensor:
+                       box_segment: torch.Tensor | None = None) -> torch.Tensor:
         """Region embeddings `[R, d]` for normalized boxes `[R, 4]` of images `batch_index` `[R]`
         (image_embeds `[B, N, d]`). The appearance view reads `crops` uint8 `[R, h, w, 4]`
         (`model.preprocess.region_crops` of the original images; crop "original") or `pixels` uint8
         `[B, H, W, 3]` (the resized images; crop "resized"). A question is the regions of one image
-        (and one turn, `box_segment` `[R]`, for samples of several questions); `ref` `[R]` overrides which
-        region each one is placed relative to (`model.region.reference_index`)."""
+        (and one turn, `box_segment` `[R]`, for samples of several questions); each region is placed relative
+        to its question's first region (`model.region.reference_index`)."""
         assert self.region is not None
-        if ref is None and self.region.relative is not None:
-            ref = reference_index(batch_index, box_segment)
+        ref = reference_index(batch_index, box_segment) if self.region.relative is not None else None
         if self.region.crop == "original":
             if crops is None:
                 raise ValueError("this model reads region crops of the original image: pass crops "

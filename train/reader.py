@@ -106,7 +106,7 @@ def reader_inputs(model: ChatSpotModel, records: list[dict], items: list[ReaderI
                 emb = model.encode_image(torch.from_numpy(pixels)[None].to(device))
                 boxes = torch.tensor([items[k].box for k in ks], dtype=torch.float32, device=device)
                 zeros = torch.zeros(len(ks), dtype=torch.long, device=device)  # one image; each item its own question
-                full = model.encode_regions(emb, boxes, zeros, crops=x, ref=torch.arange(len(ks), device=device))
+                full = model.encode_regions(emb, boxes, zeros, crops=x, box_segment=torch.arange(len(ks), device=device))
                 context[ks] = (full - region.crops(x)).float().cpu()
             done += len(ks)
             if (n + 1) % 500 == 0 or done == len(items):
