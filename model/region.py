@@ -18,7 +18,10 @@ It is an addition to the text coordinates: the coordinates stay in the prompt, a
   region of the same question (`model.position.RelativeGeometry`; the first region's is its relation to
   itself, the same for every first region), so a comparison of two regions is read off the second region's
   embedding. The region graph runs once per question, so inside it the reference is simply the first box;
-  training batches many questions and passes each region's reference (`reference_index`).
+  training batches many questions and passes each region's reference (`reference_index`). With relation words
+  (`config.region_relation_words`) the view also writes, softly, the LLM's own embedding of the relation word
+  ("left", "larger", ...) that holds between the question's first region and this one
+  (`model.position.RelationWords`).
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ class RegionEncoder(nn.Module):
     def __init__(self, hidden: int, grid: tuple[int, int], min_size: float = 0.0,
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.25, 0.25, 0.25),
                  crop: str = "resized", crop_size: tuple[int, int] = (32, 128), geometry: bool = False,
-                 relative: bool = False):
+                 relative: bool = False, relation_words: int = 0):
         super().__init__()
         if crop not in REGION_CROPS:
             raise ValueError(f"unknown region crop {crop!r} (one of {REGION_CROPS})")
@@ -139,7 +142,7 @@ class RegionEncoder(nn.Module):
                 nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GELU(), nn.Flatten(),
                 nn.Linear(64 * (CROP // 4) ** 2, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.geometry = BoxGeometry(hidden) if geometry else None
-        self.relative = RelativeGeometry(hidden) if relative else None
+        self.relative = RelativeGeometry(hidden, n_words=relation_words) if relative else None
 
     def forward(self, image_embeds: torch.Tensor, boxes: torch.Tensor, source: torch.Tensor,
                 ref: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,3 +164,24 @@ class RegionEncoder(nn.Module):
             b = boxes.to(out.dtype)
             out = out + self.relative(b, b[ref] if ref is not None else b[:1].expand_as(b))
         return out
+
+
+def relation_word_ids(tokenizer, words: tuple[str, ...]) -> list[list[int]]:
+    """Token ids of each relation word as it appears inside a question (after a space: " left")."""
+    ids = [tokenizer.encode(" " + w, add_special_tokens=False) for w in words]
+    if any(not t for t in ids):
+        raise ValueError(f"a relation word tokenizes to nothing: {dict(zip(words, ids))}")
+    return ids
+
+
+@torch.no_grad()
+def init_relation_words(region: RegionEncoder, embeddings: torch.Tensor, tokenizer,
+                        words: tuple[str, ...]) -> None:
+    """Set the relation-word rows of `region`'s relative view (`model.position.RelationWords.rows`) to the
+    LLM's input embedding rows `embeddings [V, d]` of `words` (the mean of a word's rows if it is several
+    tokens)."""
+    target = region.relative.words.rows if region.relative is not None and region.relative.words is not None else None
+    if target is None or target.shape[0] != len(words):
+        raise ValueError(f"the region encoder has no relation-word view for {len(words)} words")
+    rows = torch.stack([embeddings[t].float().mean(0) for t in relation_word_ids(tokenizer, words)])
+    target.copy_(rows.to(target.dtype))

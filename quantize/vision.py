@@ -295,7 +295,7 @@ def build_int8(src: Path, dst: Path, images: Sequence[np.ndarray], eval_images: 
         shutil.rmtree(work, ignore_errors=True)
 
 
-REGION_FLOAT_LAYERS = ("/region/geometry/", "/region/proj/proj.0/")  # see region_to_int8
+REGION_FLOAT_LAYERS = ("/region/geometry/", "/region/relative/", "/region/proj/proj.0/")  # see region_to_int8
 
 
 def region_to_int8(src: Path, dst: Path, vision: Path, eval_images: Sequence[np.ndarray], threads: int = 2,
@@ -306,11 +306,13 @@ def region_to_int8(src: Path, dst: Path, vision: Path, eval_images: Sequence[np.
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # The box-geometry view and the first layer of the context view stay float: their inputs (the cell-pooled image
-    # embedding, the box's Fourier features) are few values over a wide range, which dynamic per-tensor
-    # activation quantization rounds badly (measured on the tiny preset: cosine min 0.958 with the geometry
-    # layer in int8, 0.993 with the context layer, >= 0.9999 for every other layer); they hold a small share
-    # of the weights. The quantizer turns a Gemm into "<name>_MatMul" first, hence both names.
+    # The box-geometry and relative-geometry views and the first layer of the context view stay float: their inputs
+    # (the cell-pooled image embedding, the boxes' Fourier features and ratios, the relation words' probabilities)
+    # are few values over a wide range, which dynamic per-tensor activation quantization rounds badly (measured on
+    # the tiny preset: cosine min 0.958 with the geometry layer in int8, 0.993 with the context layer, >= 0.9999
+    # for every other layer); the relative view ends in a softmax over relation words, where a rounded input can
+    # change the word written into the embedding. They hold a small share of the weights.
+    # The quantizer turns a Gemm into "<name>_MatMul" first, hence both names.
     keep_float = [n.name + suffix for n in onnx.load(str(src), load_external_data=False).graph.node
                   if n.op_type in ("Gemm", "MatMul") and any(k in n.name for k in REGION_FLOAT_LAYERS)
                   for suffix in ("", "_MatMul")]

@@ -144,18 +144,29 @@ def _regions() -> list:
 
 # Measured (this test's bundle, 2026-11-27): Q4_0 + fp32 vision identical to the last bit; F16 differs by ~0.3% of
 # the logits' spread (ARM's fp16 arithmetic); int8 vision by ~4%: onnxruntime's int8 kernels differ by instruction
-# set (x86 without VNNI multiplies u8 x s8 in saturating 16-bit pairs, ARM takes s8 x s8 dot products).
+# set (x86 without VNNI multiplies u8 x s8 in saturating 16-bit pairs, ARM takes s8 x s8 dot products). Two int8
+# kernels are two approximations of the fp32 graph, so with int8 the tolerance is also at least 1.5x x86's own
+# int8 error on that question: this random model, with embeddings of scale 1, amplifies a region embedding's
+# rounding (2026-12-06, the bundle with relation words: x86 int8 vs fp32 8.5 and ARM vs x86 int8 7.7 for the
+# point question, of a spread of 66; 5.7 and under 6.2 without them).
 @pytest.mark.parametrize("vision,rel_tol", [("fp32", 1e-3), ("int8", 0.1)])
 def test_first_token_logits_under_qemu_equal_x86(arm, bundle, image, vision, rel_tol, llm="Q4_0"):
     """The whole chain on aarch64 (vision graph in onnxruntime, region graph, Q4_0 prefill in the cross-built
     llama.cpp, under qemu with the arm64 wheels) gives x86's first-token logits for a point, a box and a polygon:
-    the same values within `rel_tol` of their spread and the same greedy token (unless x86's top two are closer
-    than that). Answers of this random model are not compared token by token: its distribution is nearly flat,
-    so a near-tie can go either way between x86's and ARM's (both correct) kernels after a few tokens; the
-    trained demo bundle's full answers are compared by `python -m chatspot_edge.evaluation.arm64_equality`."""
+    the same values within `rel_tol` of their spread (for int8 vision: or 1.5x x86's int8 error) and the same
+    greedy token (unless x86's top two are closer than that). Answers of this random model are not compared token
+    by token: its distribution is nearly flat, so a near-tie can go either way between x86's and ARM's (both
+    correct) kernels after a few tokens; the trained demo bundle's full answers are compared by
+    `python -m chatspot_edge.evaluation.arm64_equality`."""
     args = ["-c", FIRST_TOKEN_LOGITS, str(bundle), str(image), llm, vision, json.dumps(_regions())]
     want = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
     assert want.returncode == 0, want.stderr[-2000:]
+    quant_err = np.zeros(len(QUESTIONS))
+    if vision != "fp32":
+        ref_args = ["-c", FIRST_TOKEN_LOGITS, str(bundle), str(image), llm, "fp32", json.dumps(_regions())]
+        ref = subprocess.run([sys.executable, *ref_args], capture_output=True, text=True, timeout=300)
+        assert ref.returncode == 0, ref.stderr[-2000:]
+        quant_err = np.abs(np.array(json.loads(want.stdout)) - np.array(json.loads(ref.stdout))).max(1)
     with tempfile.TemporaryDirectory() as src:
         got = subprocess.run(arm.python(args), env=arm.env(source_tree(Path(src))), capture_output=True, text=True,
                              timeout=QEMU_TIMEOUT)
@@ -163,8 +174,8 @@ def test_first_token_logits_under_qemu_equal_x86(arm, bundle, image, vision, rel
     x86, arm64 = np.array(json.loads(want.stdout)), np.array(json.loads(got.stdout))
     assert x86.shape == arm64.shape == (len(QUESTIONS), x86.shape[1])
     assert len({int(row.argmax()) for row in x86}) > 1  # the inputs matter: the comparison compares something
-    for q, a, b in zip(QUESTIONS, x86, arm64):
-        tol = rel_tol * float(a.max() - a.min())
+    for q, a, b, err in zip(QUESTIONS, x86, arm64, quant_err):
+        tol = max(rel_tol * float(a.max() - a.min()), 1.5 * float(err))
         assert float(np.abs(a - b).max()) < tol, (q, float(np.abs(a - b).max()), tol)
         top2 = np.sort(a)[-2:]
         if top2[1] - top2[0] > tol:

@@ -41,9 +41,12 @@ def test_a_model_that_reads_the_region_relies_on_it_and_one_that_cannot_does_not
     blind = copy.deepcopy(model)  # every view of the region embedding ends in a zero layer: all regions are 0
     reg = blind.region
     with torch.no_grad():
-        for layer in (reg.proj[-1], reg.crops.head[-1], *([reg.geometry.mlp[-1]] if reg.geometry else [])):
+        for layer in (reg.proj[-1], reg.crops.head[-1], *([reg.geometry.mlp[-1]] if reg.geometry else []),
+                      *([reg.relative.mlp[-1]] if reg.relative else [])):
             layer.weight.zero_()
             layer.bias.zero_()
+        if reg.relative is not None and reg.relative.words is not None:
+            reg.relative.words.rows.zero_()  # the relation words write zero rows
     r = _run(tmp_path, blind, tok, spotworld, "blind")
     assert r["region_reliance_nats"] == 0.0  # swapping zeros for zeros changes nothing
     assert r["geometry"]["region"] == {"norm": 0.0, "shared": None}

@@ -88,6 +88,8 @@ class AdaptOptions:
     region_align_kind: str | None = None  # "absolute", "contrastive" or "both" (None: the preset's)
     cell_align: float | None = None  # weight of the image-cell / word alignment loss (train.cell_align; None: the
     # preset's, 0: off); needs records with SPEC-5 `objects`
+    # weight of the relation-word alignment (train.relation_align); None: 1 for a model with relation words, else 0
+    relation_align: float | None = None
     ground_attn: float | None = None  # weight of the grounding attention supervision (train.ground_attn: heads look
     # at the cells of a box answer's object; None: the preset's, 0: off); loc models only
     region_placement: str | None = None  # override the preset's: "after_box" or "before_answer"
@@ -122,13 +124,14 @@ class Batches:
     samples consumed, so a resumed run draws exactly the batches the uninterrupted run would have."""
 
     def __init__(self, records: list[dict], data_dir: Path, proc: Processor, image_size, seed: int, max_tokens: int,
-                 turns: int = 0, cell_words: dict[str, int] | None = None):
+                 turns: int = 0, cell_words: dict[str, int] | None = None, relation_words: tuple[str, ...] = ()):
         from chatspot_edge.data import load_image
 
         self.records, self.data_dir, self.proc = records, data_dir, proc
         self.image_size, self.seed, self.max_tokens = image_size, seed, max_tokens
         self.turns = turns  # > 0: up to this many questions per image as independent turns (encode_turns)
         self.cell_words = cell_words  # word -> token id: collate the image-cell alignment's targets (train.cell_align)
+        self.relation_words = relation_words  # collate the relation-word alignment's targets (train.relation_align)
         self.load_image = load_image
         self.position = 0
         self._pixels: dict[str, np.ndarray] = {}
@@ -200,6 +203,17 @@ class Batches:
 
             out["cell_words"], out["cell_targets"] = cell_targets([self.records[i] for i in indices],
                                                                   tuple(cfg.vision.grid), self.cell_words)
+        if self.relation_words:
+            from chatspot_edge.train.relation_align import region_relation_targets
+
+            word, sign = [], []
+            for i, e in zip(indices, encs):
+                w, sg = region_relation_targets(self.records[i]["conversations"], e.box_segments or [],
+                                                self.relation_words)
+                word += w
+                sign += sg
+            out["relation_word"] = torch.tensor(word, dtype=torch.long)
+            out["relation_sign"] = torch.tensor(sign, dtype=torch.long)
         return out
 
 
@@ -409,8 +423,9 @@ def _build_model(opts: AdaptOptions):
         model, tok = load_checkpoint(opts.init)
         if fmt is not None:  # a text-v1 checkpoint learns the loc format: its loc tokens are added here
             set_referring(model, tok, fmt)
-        if (opts.design or {}).get("region_relative") and model.region is not None and model.region.relative is None:
-            add_relative_geometry(model)
+        design = opts.design or {}
+        if model.region is not None and (design.get("region_relative") or design.get("relation_words")):
+            add_relative_geometry(model, tok, words=bool(design.get("relation_words")))
         return model, tok
     blocks = tuple(int(b) for b in opts.blocks.split(",")) if opts.blocks else None
     model, tok = build_preset(opts.preset, pretrained=True, vision_pool=opts.vision_pool, seed=opts.seed,
@@ -423,14 +438,27 @@ def _build_model(opts: AdaptOptions):
     return model, tok
 
 
-def add_relative_geometry(model: ChatSpotModel) -> None:
-    """Give a trained checkpoint's region encoder the relative-geometry view (`--init CKPT --region-relative`).
-    Its output layer starts at zero, so the model computes exactly what it did until the view trains."""
-    from chatspot_edge.model.position import RelativeGeometry
+def add_relative_geometry(model: ChatSpotModel, tokenizer, words: bool = False) -> None:
+    """Give a trained checkpoint's region encoder the relative-geometry view (`--init CKPT --region-relative`),
+    and with `words` its relation words (`--relation-words`). The view's MLP output layer starts at zero, so
+    without words the model computes exactly what it did until the view trains; the words start as a uniform
+    mix of their rows (what lets every word's choice train), which shifts each region embedding by 6/7 of the
+    rows' mean until it does."""
+    from chatspot_edge.model.position import RELATION_WORDS, RelativeGeometry
+    from chatspot_edge.model.region import init_relation_words
 
     ref = next(model.region.parameters())
-    model.region.relative = RelativeGeometry(model.config.hidden_size).to(device=ref.device, dtype=ref.dtype)
+    old = model.region.relative
+    if old is not None and (old.words is not None or not words):
+        return
+    view = RelativeGeometry(model.config.hidden_size, n_words=len(RELATION_WORDS) if words else 0)
+    if old is not None:  # keep the trained view, add the words
+        view.mlp.load_state_dict(old.mlp.state_dict())
+    model.region.relative = view.to(device=ref.device, dtype=ref.dtype)
     model.config.region_relative = True
+    if words:
+        model.config.region_relation_words = RELATION_WORDS
+        init_relation_words(model.region, model.llm.get_input_embeddings().weight, tokenizer, RELATION_WORDS)
 
 
 def warm_start_from(model: ChatSpotModel, source: Path) -> dict:
@@ -475,7 +503,8 @@ def _added_rows(model: ChatSpotModel) -> list[int]:
 
 
 # collated fields that describe a micro-batch or feed an auxiliary loss rather than the model's forward
-BATCH_META = ("index", "n_tokens", "token_mask", "cell_words", "cell_targets")
+BATCH_META = ("index", "n_tokens", "token_mask", "cell_words", "cell_targets", "relation_word", "relation_sign",
+              "relation_share")
 
 
 class AnswerLoss:
@@ -490,7 +519,7 @@ class AnswerLoss:
     checkpoint's provenance. Other objectives (train.distill.DistillObjective) plug into the same loop."""
 
     def __init__(self, per_sample: bool = True, region_align: float = 1.0, region_align_kind: str = "absolute",
-                 cell_align: float = 0.0, ground_attn: float = 0.0):
+                 cell_align: float = 0.0, ground_attn: float = 0.0, relation_align: float = 0.0):
         if region_align_kind not in REGION_ALIGN_KINDS:
             raise InputError(f"unknown region alignment {region_align_kind!r} (one of {', '.join(REGION_ALIGN_KINDS)})")
         if not cell_align >= 0:
@@ -500,6 +529,9 @@ class AnswerLoss:
         if not ground_attn >= 0:
             raise InputError(f"--ground-attn must be >= 0, got {ground_attn}")
         self.ground_attn = ground_attn  # weight of train.ground_attn's loss (targets read from the labels)
+        if not relation_align >= 0:
+            raise InputError(f"--relation-align must be >= 0, got {relation_align}")
+        self.relation_align = relation_align  # weight of train.relation_align's loss; batches carry its targets
 
     def to(self, device) -> "AnswerLoss":
         return self
@@ -543,6 +575,17 @@ class AnswerLoss:
             cell = cell_alignment_loss(model, image_embeds, batch["cell_words"], batch["cell_targets"])
             out.loss = out.loss + self.cell_align * cell
             parts["cell"] = cell
+        if self.relation_align > 0:
+            if "relation_word" not in batch:
+                raise ValueError("relation_align > 0 needs batches collated with relation_words "
+                                 "(Batches(relation_words=...))")
+            from chatspot_edge.train.relation_align import relation_alignment_loss
+
+            rel = relation_alignment_loss(model, batch["boxes"], batch["box_batch"], batch.get("box_segment"),
+                                          batch["relation_word"], batch["relation_sign"])
+            if rel is not None:  # weighted by the micro-batch's share of the step's relation targets (the loop)
+                out.loss = out.loss + self.relation_align * float(batch.get("relation_share", 1.0)) * rel
+                parts["relation"] = rel
         return out, parts
 
     def __call__(self, model: ChatSpotModel, features: torch.Tensor, batch: dict,
@@ -553,7 +596,7 @@ class AnswerLoss:
     def describe(self) -> dict:
         return {"objective": "answer cross-entropy", "per_sample": self.per_sample, "region_align": self.region_align,
                 "region_align_kind": self.region_align_kind, "cell_align": self.cell_align,
-                "ground_attn": self.ground_attn}
+                "ground_attn": self.ground_attn, "relation_align": self.relation_align}
 
 
 def init_distributed(device_option: str | None = None) -> tuple[int, int, str]:
@@ -650,11 +693,17 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
     elif opts.embeddings != "all":
         raise InputError(f"--embeddings must be 'added' or 'all', got {opts.embeddings!r}")
     model.to(device)
+    has_words = model.region is not None and model.region.relative is not None and model.region.relative.words is not None
     if objective is None:
         objective = AnswerLoss(opts.per_sample_loss, opts.region_align,
                                opts.region_align_kind or d.get("region_align_kind", "absolute"),
                                d.get("cell_align", 0.0) if opts.cell_align is None else opts.cell_align,
-                               d.get("ground_attn", 0.0) if opts.ground_attn is None else opts.ground_attn)
+                               d.get("ground_attn", 0.0) if opts.ground_attn is None else opts.ground_attn,
+                               (d.get("relation_align", 1.0 if has_words else 0.0)
+                                if opts.relation_align is None else opts.relation_align))
+    if getattr(objective, "relation_align", 0) > 0 and not has_words:
+        raise InputError("--relation-align trains the relative view's relation words: this model has none "
+                         "(add --relation-words)")
     if getattr(objective, "ground_attn", 0) > 0 and not model.config.referring_format.is_loc:
         raise InputError("--ground-attn reads box answers in chatspot-loc-v1: add --referring loc "
                          f"(this model speaks {model.config.referring_format.name})")
@@ -672,9 +721,11 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
         from chatspot_edge.train.cell_align import word_token_ids
 
         cell_words = word_token_ids(tok)
-    data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, max_tokens, turns, cell_words)
+    relation_words = model.config.region_relation_words if getattr(objective, "relation_align", 0) > 0 else ()
+    data2 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed, max_tokens, turns, cell_words,
+                    relation_words)
     data1 = Batches(records, opts.data, proc, model.config.vision.image_size, opts.seed + 1, max_tokens, turns,
-                    cell_words)
+                    cell_words, relation_words)
     data1._pixels = data2._pixels  # one image cache
 
     state_dir = opts.out.with_name(opts.out.name + ".train-state")
@@ -703,15 +754,20 @@ def adapt(opts: AdaptOptions, objective=None) -> dict:
         # The region-text alignment loss is a mean over a micro-batch's regions; weighted by the micro-batch's
         # share of the global batch's regions, the accumulated (and rank-averaged) gradients are those of one
         # mean over all of them, as without accumulation (the answer loss is a mean over samples, and every
-        # micro-batch holds the same number of samples).
+        # micro-batch holds the same number of samples). The relation-word alignment, a mean over the regions
+        # with a relation target, is weighted the same way by its share of those (`relation_share`).
         n_regions = [int(b["boxes"].shape[0]) for b in micro_batches]
-        all_regions = torch.tensor([sum(n_regions)], dtype=torch.long, device=device)
+        n_relations = [int((b["relation_sign"] != 0).sum()) if "relation_sign" in b else 0 for b in micro_batches]
+        counts = torch.tensor([sum(n_regions), sum(n_relations)], dtype=torch.long, device=device)
         if distributed:
-            dist.all_reduce(all_regions)
+            dist.all_reduce(counts)
+        all_regions, all_relations = (int(c) for c in counts)
         for a, micro_batch in enumerate(micro_batches):
             batch = {k: v.to(device) for k, v in micro_batch.items()}
             n_tok += int(batch.pop("n_tokens"))
-            region_share = n_regions[a] * opts.grad_accum * world / max(1, int(all_regions))
+            region_share = n_regions[a] * opts.grad_accum * world / max(1, all_regions)
+            if "relation_sign" in batch:
+                batch["relation_share"] = torch.tensor(n_relations[a] * opts.grad_accum * world / max(1, all_relations))
             last = a == opts.grad_accum - 1
             if sharded is not None:
                 sharded.set_requires_gradient_sync(last)  # FSDP: reduce-scatter once per optimizer step
