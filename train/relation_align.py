@@ -1,4 +1,4 @@
-"""Relation-word alignment: the relation view's word choice (`model.position.RelationWords`) learns what the
+"""Relation-word alignment: the relative view's word choice (`model.position.RelationWords`) learns what the
 relation words mean from the question / answer pairs themselves.
 
 The LLM's answer loss reaches the word choice only through the LLM, which ignores the region's relation word
@@ -70,7 +70,7 @@ def relation_alignment_loss(model: ChatSpotModel, boxes: torch.Tensor, box_batch
                             box_segment: torch.Tensor | None, word: torch.Tensor, sign: torch.Tensor
                             ) -> torch.Tensor | None:
     """Mean over the regions with a target (`sign` != 0, `[R]`; `word` `[R]` indices into the model's relation
-    words) of -log p(word) (sign +1) or -log (1 - p(word)) (sign -1), p the relation view's word choice for the
+    words) of -log p(word) (sign +1) or -log (1 - p(word)) (sign -1), p the relative view's word choice for the
     region placed relative to its question's first region. None when no region has a target."""
     view = model.region.relative if model.region is not None else None
     if view is None or view.words is None:
