@@ -16,7 +16,7 @@ It is an addition to the text coordinates: the coordinates stay in the prompt, a
   regions can be compared ("left of", "larger than") without decoding digits;
 - relative geometry (`config.region_relative`): the box's offset, edge gaps and size ratios to the first
   region of the same question (`model.position.RelativeGeometry`; the first region's is its relation to
-  itself, the same for every first region), so a comparison of two regions is read off the second region's
+  itself, which depends on its size alone), so a comparison of two regions is read off the second region's
   embedding. The region graph runs once per question, so inside it the reference is simply the first box;
   training batches many questions and passes each region's reference (`reference_index`). With relation words
   (`config.region_relation_words`) the view also writes, softly, the LLM's own embedding of the relation word
