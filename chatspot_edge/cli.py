@@ -108,6 +108,14 @@ def adapt(
                                                        "relation word (left, right, above, below, larger, smaller) "
                                                        "between the question's first region and each other one "
                                                        "(default: the preset's; with --init: adds it)"),
+    relation_groups: Optional[bool] = typer.Option(None, "--relation-groups/--no-relation-groups",
+                                                   help="a position word and a size word from a choice each (else "
+                                                        "one choice over all six; default: the preset's)"),
+    relation_gain: Optional[float] = typer.Option(None, "--relation-gain",
+                                                  help="the relation words' initial share of the region "
+                                                       "embedding's norm (learned; 0: the LLM's rows as they are, "
+                                                       "0.3% of a trained region embedding; default: the preset's "
+                                                       "0)"),
     referring: Optional[str] = typer.Option(None, "--referring",
                                             help="referring format: text (chatspot-text-v1, the default) or loc "
                                                  "(chatspot-loc-v1: one <loc_k> token per coordinate)"),
@@ -133,7 +141,9 @@ def adapt(
                         warm_start=warm_start, turns=turns, embeddings=embeddings, precision=precision,
                         design=dict(position_2d=position_2d, region_crop=region_crop, region_geometry=region_geometry,
                                     **({} if region_relative is None else {"region_relative": region_relative}),
-                                    **({} if relation_words is None else {"relation_words": relation_words})),
+                                    **({} if relation_words is None else {"relation_words": relation_words}),
+                                    **({} if relation_groups is None else {"relation_groups": relation_groups}),
+                                    **({} if relation_gain is None else {"relation_gain": relation_gain})),
                         referring=referring, bins=bins, loc_init=loc_init, device=device)
     run_adapt(opts)
 

@@ -61,7 +61,8 @@ class ChatSpotModel(nn.Module):
         self.region = (
             RegionEncoder(config.hidden_size, config.vision.grid, config.region_min_size, crop=config.region_crop,
                           crop_size=config.region_crop_size, geometry=config.region_geometry,
-                          relative=config.region_relative, relation_words=len(config.region_relation_words))
+                          relative=config.region_relative, relation_words=len(config.region_relation_words),
+                          relation_groups=config.region_relation_groups, relation_gain=config.region_relation_gain)
             if config.region_token else None
         )
         self.llm = llm if llm is not None else LlamaForCausalLM(LlamaConfig(**config.text))

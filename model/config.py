@@ -66,6 +66,10 @@ class ChatSpotConfig:
     region_relative: bool = False  # add the box's geometry relative to its question's first region
     # relation words the relative view may write into a region embedding (model.position.RelationWords); () = none
     region_relation_words: tuple[str, ...] = ()
+    # word count of each separate choice among them (model.position.RELATION_GROUPS); () = one choice over all
+    region_relation_groups: tuple[int, ...] = ()
+    # > 0: the words are written at the region embedding's scale, with a learned gain starting here; 0: as rows
+    region_relation_gain: float = 0.0
     position_2d: bool = False  # add each image token's 2D cell-centre embedding in the projector (model.position)
     image_token_id: int = -1
     box_start_id: int = -1
@@ -112,7 +116,7 @@ class ChatSpotConfig:
         for k in ("image_size", "mean", "std", "grid"):
             if k in v and v[k] is not None:
                 v[k] = tuple(v[k])
-        for k in ("region_crop_size", "region_relation_words"):
+        for k in ("region_crop_size", "region_relation_words", "region_relation_groups"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         known = set(cls.__dataclass_fields__)

@@ -99,52 +99,86 @@ def relative_features(boxes: torch.Tensor, ref: torch.Tensor, n_freq: int = REL_
 
 
 # The relation words a region's relative view can write into its embedding (`RelationWords`): what the first
-# region of a question is to this one ("the first object is left of the second"), in the words questions use.
-RELATION_WORDS = ("left", "right", "above", "below", "larger", "smaller")
+# region of a question is to this one ("the first object is left of the second"), in the words questions use,
+# in groups of which one word at most holds: a pair can be "left" and "larger" at once. With
+# `config.region_relation_groups` each group is a choice of its own (one choice over all six makes "larger" compete
+# with the position word that also holds); measured 2026-12-07, the split makes the size word right but region
+# recognition worse in 2 of 2 seeds, so the presets keep one choice (docs/results.md, "Relation words in two choices").
+RELATION_GROUPS: tuple[tuple[str, ...], ...] = (("left", "right", "above", "below"), ("larger", "smaller"))
+RELATION_WORDS: tuple[str, ...] = tuple(w for group in RELATION_GROUPS for w in group)
+RELATION_GROUP_SIZES: tuple[int, ...] = tuple(len(g) for g in RELATION_GROUPS)
+# The relation words' initial share of a region embedding's norm (`RelationWords.gain`); 0: the LLM's rows as they
+# are. Measured 2026-12-07 (docs/results.md, "Relation words in two choices"): 0.5 made the yes / no relation answers
+# collapse to "no" and the word form worse, so the default writes the rows as they are.
+RELATION_GAIN = 0.0
 
 
 class RelationWords(nn.Module):
-    """`relative_features [R, 9 + 4F] -> [R, d]`: a soft choice among `n_words` relation words plus "none",
-    written with the fixed embedding rows `rows [n_words, d]`: the LLM's own rows for the words as they appear
-    inside a question (" left", " larger"; set by `model.region.init_relation_words`, saved with the weights).
-    A region that lies right of its question's first region can then carry the embedding of " left" (the
-    first is left of it): the word-form answer is a copy of that row through the tied head, and "is the first
-    object to the left of the second?" becomes "does the question's relation word occur in the region token",
-    the duplicate-token match a pretrained LM already makes, instead of a product of a word and two
-    coordinates."""
+    """`relative_features [R, 9 + 4F] -> [R, d]`: per group of relation words (`groups`, word counts summing to
+    `n_words`; () = one group of all), a soft choice of one word or "none", written with the fixed embedding
+    rows `rows [n_words, d]`: the LLM's own rows for the words as they appear inside a question (" left",
+    " larger"; set by `model.region.init_relation_words`, saved with the weights). A region that lies right of
+    its question's first region can then carry the embedding of " left" (the first is left of it): the
+    word-form answer is a copy of that row through the tied head, and "is the first object to the left of the
+    second?" becomes "does the question's relation word occur in the region token", the duplicate-token match
+    a pretrained LM already makes, instead of a product of a word and two coordinates.
 
-    def __init__(self, hidden: int, n_in: int, n_words: int, width: int = 64):
+    With `gain` > 0 the words are written at the region embedding's own scale: `gain * |region| * p @ rows /
+    mean |row|`, `gain` learned from its initial value (`region` is the embedding before this view: a region
+    embedding's norm is hundreds of times a word row's, 666 against 2.7 in a trained mini, so rows added as
+    they are weigh 0.3% of the token the LLM reads; louder, they were measured to hurt: `RELATION_GAIN`).
+    `gain` 0: the rows as they are (the default, and session-15 checkpoints)."""
+
+    def __init__(self, hidden: int, n_in: int, n_words: int, width: int = 64, groups: tuple[int, ...] = (),
+                 gain: float = 0.0):
         super().__init__()
-        self.classify = nn.Sequential(nn.Linear(n_in, width), nn.GELU(), nn.Linear(width, n_words + 1))
+        self.groups = tuple(groups) or (n_words,)
+        if sum(self.groups) != n_words or min(self.groups) < 1:
+            raise ValueError(f"relation word groups {self.groups} do not split {n_words} words")
+        self.classify = nn.Sequential(nn.Linear(n_in, width), nn.GELU(),
+                                      nn.Linear(width, n_words + len(self.groups)))  # each group: words, none
         nn.init.zeros_(self.classify[2].weight)  # the choice starts uniform, so every word's row gets gradient
         nn.init.zeros_(self.classify[2].bias)
         # fixed: trained, they would drift from the LLM's rows at the region encoder's learning rate
         self.register_buffer("rows", torch.zeros(n_words, hidden))
+        self.gain = nn.Parameter(torch.tensor(float(gain))) if gain > 0 else None
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(self.classify(features).float(), dim=-1)[:, :-1]  # [R, K]; "none" writes nothing
-        return p.to(self.rows.dtype) @ self.rows
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """`[R, n_words]`: each word's probability in its group's choice (a group's "none" takes the rest)."""
+        logits = self.classify(features).float().split([g + 1 for g in self.groups], dim=-1)
+        return torch.cat([torch.softmax(z, dim=-1)[:, :-1] for z in logits], dim=-1)
+
+    def forward(self, features: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """`scale` `[R, 1]`: the norm of each region embedding before this view (needed when `gain` > 0)."""
+        out = self.probabilities(features).to(self.rows.dtype) @ self.rows
+        if self.gain is None:
+            return out
+        if scale is None:
+            raise ValueError("relation words with a gain are written at the region embedding's scale: pass scale")
+        return out * (self.gain * scale.to(out.dtype) / self.rows.norm(dim=-1).mean().clamp(min=1e-6))
 
 
 class RelativeGeometry(nn.Module):
     """`(boxes [R, 4], ref [R, 4]) -> [R, d]`: each region's place and size relative to a reference region
     (the first region of its question, `model.region.reference_index`), through a small MLP whose output
     layer starts at zero (a model gains the view without changing what it computed), and with `n_words` > 0
-    the relation words of `RelationWords`. With it, "is the first region left of the second?" is one token's
-    feature, not a comparison of two tokens' coordinates."""
+    the relation words of `RelationWords` (in `groups`, written with `gain`). With it, "is the first region
+    left of the second?" is one token's feature, not a comparison of two tokens' coordinates."""
 
-    def __init__(self, hidden: int, n_freq: int = REL_FREQ, n_words: int = 0):
+    def __init__(self, hidden: int, n_freq: int = REL_FREQ, n_words: int = 0, groups: tuple[int, ...] = (),
+                 gain: float = 0.0):
         super().__init__()
         self.n_freq = n_freq
         self.mlp = nn.Sequential(nn.Linear(9 + 4 * n_freq, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
-        self.words = RelationWords(hidden, 9 + 4 * n_freq, n_words) if n_words else None
+        self.words = RelationWords(hidden, 9 + 4 * n_freq, n_words, groups=groups, gain=gain) if n_words else None
 
-    def forward(self, boxes: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    def forward(self, boxes: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """`scale` `[R, 1]`: the region embeddings' norm before this view (the words' scale; `RelationWords`)."""
         feats = relative_features(boxes, ref, self.n_freq)
         out = self.mlp(feats)
-        return out if self.words is None else out + self.words(feats).to(out.dtype)
+        return out if self.words is None else out + self.words(feats, scale).to(out.dtype)
 
 
 def loc_rows(n_bins: int, mean: torch.Tensor, scale: float, position: GridPosition | None = None,

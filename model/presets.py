@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from chatspot_edge.model.chatspot import ChatSpotModel
 from chatspot_edge.model.config import ChatSpotConfig, VisionConfig
-from chatspot_edge.model.position import RELATION_WORDS
+from chatspot_edge.model.position import RELATION_GAIN, RELATION_GROUP_SIZES, RELATION_WORDS
 from chatspot_edge.model.prompt import CHATML_END, CHATML_TEMPLATE, CHATML_TURN, DEFAULT_SYSTEM
 from chatspot_edge.model.region import init_relation_words
 from chatspot_edge.model.tokenizer import smollm2_gguf_path, smollm2_tokenizer
@@ -84,7 +84,7 @@ def efficientnet_vision(pool: int = 2, merge: str = "avg") -> VisionConfig:
 # The model's referring design (each a measured choice, see docs/quality.md); `build_preset(design=...)`
 # overrides single entries for ablations.
 DESIGN = dict(position_2d=True, region_crop="original", region_geometry=True, region_relative=True,
-              relation_words=True, vision_merge="avg")
+              relation_words=True, relation_groups=False, relation_gain=RELATION_GAIN, vision_merge="avg")
 
 
 def preset_config(preset: str, tokenizer, vision_pool: int = 2, design: dict | None = None) -> ChatSpotConfig:
@@ -96,7 +96,8 @@ def preset_config(preset: str, tokenizer, vision_pool: int = 2, design: dict | N
                   turn_template=CHATML_TURN, region_token=True, region_placement="before_answer",
                   position_2d=bool(des["position_2d"]), region_crop=des["region_crop"],
                   region_geometry=bool(des["region_geometry"]), region_relative=bool(des["region_relative"]),
-                  region_relation_words=RELATION_WORDS if des["region_relative"] and des["relation_words"] else (),
+                  **_relation_words(bool(des["region_relative"] and des["relation_words"]), bool(des["relation_groups"]),
+                                    des["relation_gain"]),
                   **_token_ids(tokenizer))
     n_vocab = len(tokenizer)
     if preset == "tiny":
@@ -112,6 +113,16 @@ def preset_config(preset: str, tokenizer, vision_pool: int = 2, design: dict | N
         return ChatSpotConfig(preset=preset, vision=efficientnet_vision(vision_pool, des["vision_merge"]), text={},
                               **common)
     raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+
+
+def _relation_words(on: bool, groups: bool, gain: float) -> dict:
+    """The config entries of the relative view's relation words (`model.position.RelationWords`): the words, one
+    choice per group of `RELATION_GROUPS` (`groups`) or one over all, written at the region embedding's scale with
+    `gain` (0: as rows)."""
+    if not on:
+        return dict(region_relation_words=(), region_relation_groups=(), region_relation_gain=0.0)
+    return dict(region_relation_words=RELATION_WORDS, region_relation_groups=RELATION_GROUP_SIZES if groups else (),
+                region_relation_gain=float(gain))
 
 
 def _text_dict(cfg: LlamaConfig) -> dict:

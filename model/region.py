@@ -19,9 +19,10 @@ It is an addition to the text coordinates: the coordinates stay in the prompt, a
   itself, which depends on its size alone), so a comparison of two regions is read off the second region's
   embedding. The region graph runs once per question, so inside it the reference is simply the first box;
   training batches many questions and passes each region's reference (`reference_index`). With relation words
-  (`config.region_relation_words`) the view also writes, softly, the LLM's own embedding of the relation word
-  ("left", "larger", ...) that holds between the question's first region and this one
-  (`model.position.RelationWords`).
+  (`config.region_relation_words`) the view also writes, softly, the LLM's own embedding of the relation words
+  that hold between the question's first region and this one, a position word ("left", ...) and a size word
+  ("larger", ...) from a choice each (`config.region_relation_groups`), as rows or, with
+  `config.region_relation_gain`, at the scale of the region embedding (`model.position.RelationWords`).
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ class RegionEncoder(nn.Module):
     def __init__(self, hidden: int, grid: tuple[int, int], min_size: float = 0.0,
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.25, 0.25, 0.25),
                  crop: str = "resized", crop_size: tuple[int, int] = (32, 128), geometry: bool = False,
-                 relative: bool = False, relation_words: int = 0):
+                 relative: bool = False, relation_words: int = 0, relation_groups: tuple[int, ...] = (),
+                 relation_gain: float = 0.0):
         super().__init__()
         if crop not in REGION_CROPS:
             raise ValueError(f"unknown region crop {crop!r} (one of {REGION_CROPS})")
@@ -142,7 +144,8 @@ class RegionEncoder(nn.Module):
                 nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GELU(), nn.Flatten(),
                 nn.Linear(64 * (CROP // 4) ** 2, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.geometry = BoxGeometry(hidden) if geometry else None
-        self.relative = RelativeGeometry(hidden, n_words=relation_words) if relative else None
+        self.relative = (RelativeGeometry(hidden, n_words=relation_words, groups=relation_groups, gain=relation_gain)
+                         if relative else None)
 
     def forward(self, image_embeds: torch.Tensor, boxes: torch.Tensor, source: torch.Tensor,
                 ref: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,7 +165,8 @@ class RegionEncoder(nn.Module):
             out = out + self.geometry(boxes.to(out.dtype))
         if self.relative is not None:
             b = boxes.to(out.dtype)
-            out = out + self.relative(b, b[ref] if ref is not None else b[:1].expand_as(b))
+            scale = out.detach().norm(dim=-1, keepdim=True)  # the relation words' scale (RelationWords.gain)
+            out = out + self.relative(b, b[ref] if ref is not None else b[:1].expand_as(b), scale)
         return out
 
 

@@ -44,6 +44,7 @@ from chatspot_edge.errors import InputError
 from chatspot_edge.files import atomic_dir
 from chatspot_edge.model.chatspot import REGION_ALIGN_KINDS, ChatSpotModel, ChatSpotOutput
 from chatspot_edge.model.checkpoint import save_checkpoint
+from chatspot_edge.model.position import RELATION_GAIN
 from chatspot_edge.model.preprocess import region_crops, resize_pixels
 from chatspot_edge.model.processor import Processor
 from chatspot_edge.referring import SPECIAL_TOKENS
@@ -415,7 +416,7 @@ def init_loc_rows(model: ChatSpotModel, how: str, added_rows=None) -> None:
 def _build_model(opts: AdaptOptions):
     from chatspot_edge.model.checkpoint import load_checkpoint
     from chatspot_edge.model.loc_tokens import set_referring
-    from chatspot_edge.model.presets import build_preset
+    from chatspot_edge.model.presets import DESIGN, build_preset
     from chatspot_edge.referring import format_option
 
     fmt = format_option(opts.referring, opts.bins)
@@ -425,7 +426,9 @@ def _build_model(opts: AdaptOptions):
             set_referring(model, tok, fmt)
         design = opts.design or {}
         if model.region is not None and (design.get("region_relative") or design.get("relation_words")):
-            add_relative_geometry(model, tok, words=bool(design.get("relation_words")))
+            full = {**DESIGN, **design}
+            add_relative_geometry(model, tok, words=bool(design.get("relation_words")),
+                                  groups=bool(full["relation_groups"]), gain=float(full["relation_gain"]))
         return model, tok
     blocks = tuple(int(b) for b in opts.blocks.split(",")) if opts.blocks else None
     model, tok = build_preset(opts.preset, pretrained=True, vision_pool=opts.vision_pool, seed=opts.seed,
@@ -438,26 +441,32 @@ def _build_model(opts: AdaptOptions):
     return model, tok
 
 
-def add_relative_geometry(model: ChatSpotModel, tokenizer, words: bool = False) -> None:
+def add_relative_geometry(model: ChatSpotModel, tokenizer, words: bool = False, groups: bool = False,
+                          gain: float = RELATION_GAIN) -> None:
     """Give a trained checkpoint's region encoder the relative-geometry view (`--init CKPT --region-relative`),
-    and with `words` its relation words (`--relation-words`). The view's MLP output layer starts at zero, so
-    without words the model computes exactly what it did until the view trains; the words start as a uniform
-    mix of their rows (what lets every word's choice train), which shifts each region embedding by 6/7 of the
-    rows' mean until it does."""
-    from chatspot_edge.model.position import RELATION_WORDS, RelativeGeometry
+    and with `words` its relation words (`--relation-words`; one choice per group of `RELATION_GROUPS` with
+    `groups`, else one over all; written at the region embedding's scale with `gain` > 0). The view's MLP output layer starts at zero, so without words
+    the model computes exactly what it did until the view trains; the words start as a uniform choice in each
+    group (what lets every word's choice train), which shifts each region embedding by a mix of the rows until
+    it does."""
+    from chatspot_edge.model.position import RELATION_GROUP_SIZES, RELATION_WORDS, RelativeGeometry
     from chatspot_edge.model.region import init_relation_words
 
     ref = next(model.region.parameters())
     old = model.region.relative
     if old is not None and (old.words is not None or not words):
         return
-    view = RelativeGeometry(model.config.hidden_size, n_words=len(RELATION_WORDS) if words else 0)
+    sizes = RELATION_GROUP_SIZES if groups else ()
+    view = (RelativeGeometry(model.config.hidden_size, n_words=len(RELATION_WORDS), groups=sizes, gain=gain)
+            if words else RelativeGeometry(model.config.hidden_size))
     if old is not None:  # keep the trained view, add the words
         view.mlp.load_state_dict(old.mlp.state_dict())
     model.region.relative = view.to(device=ref.device, dtype=ref.dtype)
     model.config.region_relative = True
     if words:
         model.config.region_relation_words = RELATION_WORDS
+        model.config.region_relation_groups = sizes
+        model.config.region_relation_gain = float(gain)
         init_relation_words(model.region, model.llm.get_input_embeddings().weight, tokenizer, RELATION_WORDS)
 
 
@@ -478,7 +487,10 @@ def warm_start_from(model: ChatSpotModel, source: Path) -> dict:
             mine, theirs = getattr(model, name), getattr(src, name)
             if mine is None or theirs is None:
                 continue
-            missing, unexpected = mine.load_state_dict(theirs.state_dict(), strict=False)
+            own = mine.state_dict()  # a relative view of another shape (session 15's one word choice) starts anew
+            state = {k: v for k, v in theirs.state_dict().items()
+                     if not (k.startswith("relative.") and k in own and own[k].shape != v.shape)}
+            missing, unexpected = mine.load_state_dict(state, strict=False)
             if unexpected or any(not k.startswith("relative.") for k in missing):  # only a view the source lacks
                 raise InputError(f"{source}: its {name} does not match the {model.config.preset} preset's "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

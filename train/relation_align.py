@@ -81,6 +81,6 @@ def relation_alignment_loss(model: ChatSpotModel, boxes: torch.Tensor, box_batch
     ref = reference_index(box_batch, box_segment)
     b = boxes.to(next(view.parameters()).dtype)
     feats = relative_features(b[keep], b[ref][keep], view.n_freq)
-    p = torch.softmax(view.words.classify(feats).float(), dim=-1)  # [M, K + 1]
+    p = view.words.probabilities(feats)  # [M, K]
     pw = p.gather(1, word[keep].clamp(min=0)[:, None])[:, 0].clamp(1e-6, 1 - 1e-6)
     return torch.where(sign[keep] > 0, -torch.log(pw), -torch.log1p(-pw)).mean()

@@ -98,6 +98,12 @@ MUTATIONS = [
         ("train/adapt.py", "                (loss / opts.grad_accum).backward()",
          "                opt.zero_grad(set_to_none=True)\n                (loss / opts.grad_accum).backward()"),
     ], ["tests/test_train_options.py"], "grad_accum"),
+    Mutation("relation-one-choice", "one softmax over all six relation words (larger competes with left)", [
+        ("model/position.py", "self.groups = tuple(groups) or (n_words,)", "self.groups = (n_words,)"),
+    ], ["tests/test_relation_words.py"], "position_and_a_size"),
+    Mutation("relation-gain-ignored", "the relation words are written as raw rows (0.3% of a trained region token)", [
+        ("model/position.py", "        return out * (self.gain * scale", "        return out\n        return out * (self.gain * scale"),
+    ], ["tests/test_relation_words.py"], "written_into"),
     Mutation("lora-not-merged", "--lora saves the peft-wrapped LLM without merging the adapters", [
         ("train/adapt.py", "            model.llm = model.llm.merge_and_unload()\n", "            pass\n"),
     ], ["tests/test_train_options.py"], "lora"),
