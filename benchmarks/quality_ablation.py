@@ -36,8 +36,8 @@ CHANGES = {  # name: (what it changes, the AdaptOptions overrides)
     "geometry": ("box centre / size in the region embedding", dict(design=dict(region_geometry=True))),
     "relative": ("each region placed relative to its question's first region",
                  dict(design=dict(region_relative=True))),
-    "relation_words": ("the relative view writes the relation words' embeddings (a position word and a size "
-                       "word), its choice trained by the relation-word alignment",
+    "relation_words": ("the relative view writes the relation word's embedding (left, larger, ...), its choice "
+                       "trained by the relation-word alignment",
                        dict(design=dict(region_relative=True, relation_words=True))),
     "turns": ("8 independent questions per image (shared prefix)", dict(turns=8)),
     "added_rows": ("train the added tokens' embedding rows only", dict(embeddings="added")),
