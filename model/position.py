@@ -148,14 +148,16 @@ class RelationWords(nn.Module):
         logits = self.classify(features).float().split([g + 1 for g in self.groups], dim=-1)
         return torch.cat([torch.softmax(z, dim=-1)[:, :-1] for z in logits], dim=-1)
 
-    def forward(self, features: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """`scale` `[R, 1]`: the norm of each region embedding before this view (needed when `gain` > 0)."""
+    def forward(self, features: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+        """`region` `[R, d]`: the region embeddings before this view, whose norm scales the words (needed when
+        `gain` > 0; no gradient flows through the norm)."""
         out = self.probabilities(features).to(self.rows.dtype) @ self.rows
         if self.gain is None:
             return out
-        if scale is None:
-            raise ValueError("relation words with a gain are written at the region embedding's scale: pass scale")
-        return out * (self.gain * scale.to(out.dtype) / self.rows.norm(dim=-1).mean().clamp(min=1e-6))
+        if region is None:
+            raise ValueError("relation words with a gain are written at the region embedding's scale: pass region")
+        scale = region.detach().norm(dim=-1, keepdim=True).to(out.dtype)
+        return out * (self.gain * scale / self.rows.norm(dim=-1).mean().clamp(min=1e-6))
 
 
 class RelativeGeometry(nn.Module):
@@ -174,11 +176,11 @@ class RelativeGeometry(nn.Module):
         nn.init.zeros_(self.mlp[2].bias)
         self.words = RelationWords(hidden, 9 + 4 * n_freq, n_words, groups=groups, gain=gain) if n_words else None
 
-    def forward(self, boxes: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """`scale` `[R, 1]`: the region embeddings' norm before this view (the words' scale; `RelationWords`)."""
+    def forward(self, boxes: torch.Tensor, ref: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+        """`region` `[R, d]`: the region embeddings before this view (the scale of words with a gain)."""
         feats = relative_features(boxes, ref, self.n_freq)
         out = self.mlp(feats)
-        return out if self.words is None else out + self.words(feats, scale).to(out.dtype)
+        return out if self.words is None else out + self.words(feats, region).to(out.dtype)
 
 
 def loc_rows(n_bins: int, mean: torch.Tensor, scale: float, position: GridPosition | None = None,

@@ -96,7 +96,7 @@ def preset_config(preset: str, tokenizer, vision_pool: int = 2, design: dict | N
                   turn_template=CHATML_TURN, region_token=True, region_placement="before_answer",
                   position_2d=bool(des["position_2d"]), region_crop=des["region_crop"],
                   region_geometry=bool(des["region_geometry"]), region_relative=bool(des["region_relative"]),
-                  **_relation_words(bool(des["region_relative"] and des["relation_words"]), bool(des["relation_groups"]),
+                  **relation_word_config(bool(des["region_relative"] and des["relation_words"]), bool(des["relation_groups"]),
                                     des["relation_gain"]),
                   **_token_ids(tokenizer))
     n_vocab = len(tokenizer)
@@ -115,7 +115,7 @@ def preset_config(preset: str, tokenizer, vision_pool: int = 2, design: dict | N
     raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
 
 
-def _relation_words(on: bool, groups: bool, gain: float) -> dict:
+def relation_word_config(on: bool, groups: bool, gain: float) -> dict:
     """The config entries of the relative view's relation words (`model.position.RelationWords`): the words, one
     choice per group of `RELATION_GROUPS` (`groups`) or one over all, written at the region embedding's scale with
     `gain` (0: as rows)."""

@@ -165,8 +165,7 @@ class RegionEncoder(nn.Module):
             out = out + self.geometry(boxes.to(out.dtype))
         if self.relative is not None:
             b = boxes.to(out.dtype)
-            scale = out.detach().norm(dim=-1, keepdim=True)  # the relation words' scale (RelationWords.gain)
-            out = out + self.relative(b, b[ref] if ref is not None else b[:1].expand_as(b), scale)
+            out = out + self.relative(b, b[ref] if ref is not None else b[:1].expand_as(b), out)
         return out
 
 

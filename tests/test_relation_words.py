@@ -134,7 +134,7 @@ def test_the_gain_is_learned_and_session_15_checkpoints_still_load(tmp_path):
     crops = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, ch, cw, 4), dtype=np.uint8))
     model.region(emb, boxes, crops).sum().backward()
     assert words.gain.grad is not None and float(words.gain.grad.abs()) > 0
-    with pytest.raises(ValueError, match="scale"):
+    with pytest.raises(ValueError, match="pass region"):
         words(torch.zeros(2, 9 + 4 * model.region.relative.n_freq))
 
     old, tok = build_preset("tiny", seed=6, design={"relation_gain": 0.0})

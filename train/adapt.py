@@ -445,29 +445,30 @@ def add_relative_geometry(model: ChatSpotModel, tokenizer, words: bool = False, 
                           gain: float = RELATION_GAIN) -> None:
     """Give a trained checkpoint's region encoder the relative-geometry view (`--init CKPT --region-relative`),
     and with `words` its relation words (`--relation-words`; one choice per group of `RELATION_GROUPS` with
-    `groups`, else one over all; written at the region embedding's scale with `gain` > 0). The view's MLP output layer starts at zero, so without words
-    the model computes exactly what it did until the view trains; the words start as a uniform choice in each
-    group (what lets every word's choice train), which shifts each region embedding by a mix of the rows until
-    it does."""
-    from chatspot_edge.model.position import RELATION_GROUP_SIZES, RELATION_WORDS, RelativeGeometry
+    `groups`, else one over all; written at the region embedding's scale with `gain` > 0). The view's MLP output
+    layer starts at zero, so without words the model computes exactly what it did until the view trains; the
+    words start as a uniform choice in each group (what lets every word's choice train), which shifts each region
+    embedding by a mix of the rows until it does."""
+    from chatspot_edge.model.position import RelativeGeometry
+    from chatspot_edge.model.presets import relation_word_config
     from chatspot_edge.model.region import init_relation_words
 
     ref = next(model.region.parameters())
     old = model.region.relative
     if old is not None and (old.words is not None or not words):
         return
-    sizes = RELATION_GROUP_SIZES if groups else ()
-    view = (RelativeGeometry(model.config.hidden_size, n_words=len(RELATION_WORDS), groups=sizes, gain=gain)
-            if words else RelativeGeometry(model.config.hidden_size))
+    entries = relation_word_config(words, groups, gain)  # the config entries a preset with these words gets
+    view = RelativeGeometry(model.config.hidden_size, n_words=len(entries["region_relation_words"]),
+                            groups=entries["region_relation_groups"], gain=entries["region_relation_gain"])
     if old is not None:  # keep the trained view, add the words
         view.mlp.load_state_dict(old.mlp.state_dict())
     model.region.relative = view.to(device=ref.device, dtype=ref.dtype)
     model.config.region_relative = True
+    for key, value in entries.items():
+        setattr(model.config, key, value)
     if words:
-        model.config.region_relation_words = RELATION_WORDS
-        model.config.region_relation_groups = sizes
-        model.config.region_relation_gain = float(gain)
-        init_relation_words(model.region, model.llm.get_input_embeddings().weight, tokenizer, RELATION_WORDS)
+        init_relation_words(model.region, model.llm.get_input_embeddings().weight, tokenizer,
+                            entries["region_relation_words"])
 
 
 def warm_start_from(model: ChatSpotModel, source: Path) -> dict:
