@@ -108,8 +108,8 @@ RELATION_GROUPS: tuple[tuple[str, ...], ...] = (("left", "right", "above", "belo
 RELATION_WORDS: tuple[str, ...] = tuple(w for group in RELATION_GROUPS for w in group)
 RELATION_GROUP_SIZES: tuple[int, ...] = tuple(len(g) for g in RELATION_GROUPS)
 # The relation words' initial share of a region embedding's norm (`RelationWords.gain`); 0: the LLM's rows as they
-# are. Measured 2026-12-07 (docs/results.md, "Relation words in two choices"): 0.5 made the yes / no relation answers
-# collapse to "no" and the word form worse, so the default writes the rows as they are.
+# are. Measured 2026-12-07 (docs/results.md, "Relation words in two choices"): 0.5 cost 33 points of region
+# recognition and made the yes / no relation answers collapse to "no", so the default writes the rows as they are.
 RELATION_GAIN = 0.0
 
 

@@ -96,8 +96,8 @@ def preset_config(preset: str, tokenizer, vision_pool: int = 2, design: dict | N
                   turn_template=CHATML_TURN, region_token=True, region_placement="before_answer",
                   position_2d=bool(des["position_2d"]), region_crop=des["region_crop"],
                   region_geometry=bool(des["region_geometry"]), region_relative=bool(des["region_relative"]),
-                  **relation_word_config(bool(des["region_relative"] and des["relation_words"]), bool(des["relation_groups"]),
-                                    des["relation_gain"]),
+                  **relation_word_config(bool(des["region_relative"] and des["relation_words"]),
+                                         bool(des["relation_groups"]), des["relation_gain"]),
                   **_token_ids(tokenizer))
     n_vocab = len(tokenizer)
     if preset == "tiny":

@@ -19,10 +19,11 @@ It is an addition to the text coordinates: the coordinates stay in the prompt, a
   itself, which depends on its size alone), so a comparison of two regions is read off the second region's
   embedding. The region graph runs once per question, so inside it the reference is simply the first box;
   training batches many questions and passes each region's reference (`reference_index`). With relation words
-  (`config.region_relation_words`) the view also writes, softly, the LLM's own embedding of the relation words
-  that hold between the question's first region and this one, a position word ("left", ...) and a size word
-  ("larger", ...) from a choice each (`config.region_relation_groups`), as rows or, with
-  `config.region_relation_gain`, at the scale of the region embedding (`model.position.RelationWords`).
+  (`config.region_relation_words`) the view also writes, softly, the LLM's own embedding of the relation word
+  ("left", "larger", ...) that holds between the question's first region and this one, from one choice over all
+  the words (the presets) or, with `config.region_relation_groups`, a position word and a size word from a choice
+  each; as rows or, with `config.region_relation_gain`, at the scale of the region embedding
+  (`model.position.RelationWords`).
 """
 
 from __future__ import annotations
